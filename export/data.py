@@ -1,0 +1,161 @@
+"""Image-classification data held in memory as uint8 tensors, for training on CIFAR-sized sets.
+
+Sources: an ImageFolder directory (``root/<class>/<image>``), a ``.tar.gz`` of one (the
+layout of ``shared/datasets/cifar10-train.tar.gz``), or ``torchvision:cifar10`` to use
+torchvision's download when the machine is online.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """``images`` uint8 [N, H, W, 3], ``targets`` int64 [N], class names in index order."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, index: torch.Tensor) -> Dataset:
+        return Dataset(self.images[index], self.targets[index], self.classes)
+
+
+def _decode(data: bytes, size: int | None) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _assemble(
+    items: list[tuple[str, bytes]], size: int | None, limit: int | None, desc: str
+) -> Dataset:
+    classes = tuple(sorted({c for c, _ in items}))
+    if not classes:
+        raise ValueError(f"{desc}: no images found (expected <class>/<image> files)")
+    if limit is not None:
+        items = _take_per_class(items, classes, limit)
+    index = {c: i for i, c in enumerate(classes)}
+    images = [_decode(b, size) for _, b in tqdm(items, desc=f"decode {desc}", unit="img")]
+    shapes = {a.shape for a in images}
+    if len(shapes) != 1:
+        raise ValueError(f"{desc}: images differ in size {sorted(shapes)[:3]}; pass a size")
+    return Dataset(
+        torch.from_numpy(np.stack(images)),
+        torch.tensor([index[c] for c, _ in items], dtype=torch.int64),
+        classes,
+    )
+
+
+def _take_per_class(
+    items: list[tuple[str, bytes]], classes: tuple[str, ...], limit: int
+) -> list[tuple[str, bytes]]:
+    """The first ``limit`` images overall, spread evenly over classes (for smoke runs)."""
+    per_class = max(1, limit // len(classes))
+    taken: dict[str, int] = {}
+    out = []
+    for c, b in items:
+        if taken.get(c, 0) < per_class:
+            taken[c] = taken.get(c, 0) + 1
+            out.append((c, b))
+    return out
+
+
+def _from_tar(path: Path) -> list[tuple[str, bytes]]:
+    items = []
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            p = PurePosixPath(member.name)
+            if not member.isfile() or p.suffix.lower() not in IMAGE_SUFFIXES or len(p.parts) < 2:
+                continue
+            f = tar.extractfile(member)
+            if f is not None:
+                items.append((p.parent.name, f.read()))
+    # Sort for an order that does not depend on how the archive was written.
+    return sorted(items, key=lambda t: t[0]) if items else items
+
+
+def _from_dir(root: Path) -> list[tuple[str, bytes]]:
+    return [
+        (p.parent.name, p.read_bytes())
+        for p in sorted(root.glob("*/*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+
+
+def _from_torchvision(root: Path) -> Dataset:
+    from torchvision.datasets import CIFAR10
+
+    ds = CIFAR10(str(root), train=True, download=True)
+    return Dataset(
+        torch.from_numpy(ds.data), torch.tensor(ds.targets, dtype=torch.int64), tuple(ds.classes)
+    )
+
+
+def load(source: str, *, size: int | None = None, limit: int | None = None) -> Dataset:
+    """Load a whole data set into memory.
+
+    ``size`` resizes every image to ``size`` x ``size`` (None keeps them, which must then
+    agree); ``limit`` keeps about that many images, balanced over classes.
+    """
+    if source.startswith("torchvision:"):
+        name = source.split(":", 1)[1]
+        if name.lower() != "cifar10":
+            raise ValueError(f"only torchvision:cifar10 is supported, got {source!r}")
+        ds = _from_torchvision(Path.home() / ".cache" / "torchvision")
+        return ds if limit is None else ds.subset(torch.arange(min(limit, len(ds))))
+    path = Path(source)
+    if path.is_dir():
+        items = _from_dir(path)
+    elif path.is_file() and tarfile.is_tarfile(path):
+        items = _from_tar(path)
+    else:
+        raise FileNotFoundError(
+            f"--data {source!r} is neither an ImageFolder directory, a tar archive of one, "
+            "nor torchvision:cifar10"
+        )
+    return _assemble(items, size, limit, path.name)
+
+
+def stratified_split(
+    targets: torch.Tensor, val_per_class: int, *, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val) with ``val_per_class`` images of every class held out.
+
+    The same seed gives the same split on every machine (torch's CPU generator).
+    """
+    g = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in targets.unique(sorted=True).tolist():
+        idx = (targets == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        # Small (smoke-test) sets hold out a fifth rather than emptying the training side.
+        n_val = min(val_per_class, max(1, len(idx) // 5))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 [N, H, W, 3] images, on the 0..1 scale."""
+    x = images.reshape(-1, 3).to(torch.float64) / 255.0
+    return x.mean(0).tolist(), x.std(0).tolist()

@@ -1,0 +1,119 @@
+"""The model card: what an exported ONNX file says about itself.
+
+This module is the contract between the two halves of the project. The export stage
+writes a :class:`ModelCard` into the ``metadata_props`` of every ONNX file it produces;
+the service reads it back and needs nothing else to serve the model correctly. It
+depends only on pydantic, so both sides import it (the service never imports torch).
+
+Each top-level field is stored as one JSON string under its own key, so that the file
+stays readable with ``onnx`` or Netron.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FORMAT = "resnet-serve/1"
+"""Value of the ``format`` key; bumped when the card changes incompatibly."""
+
+INPUT_NAME = "input"
+LOGITS_NAME = "logits"
+EMBEDDING_NAME = "embedding"
+
+_KEYS = ("labels", "preprocessing", "provenance", "verification")
+
+
+class MetadataError(ValueError):
+    """An ONNX file lacks a model card, or carries one this version cannot read."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Preprocessing(_Frozen):
+    """The eval transform, in torchvision's terms.
+
+    ``Resize(resize)`` (shorter side, antialiased) -> ``CenterCrop(crop)`` -> ``ToTensor()``
+    -> ``Normalize(mean, std)``. ``resize == crop`` skips the crop for square inputs.
+    """
+
+    resize: int = Field(gt=0, description="Shorter side after resizing, in pixels.")
+    crop: int = Field(gt=0, description="Side of the square center crop fed to the model.")
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+
+
+class Provenance(_Frozen):
+    """Where the weights came from and how the file was made."""
+
+    arch: str
+    source: Literal["torchvision", "cifar", "custom"]
+    weights: str | None = Field(
+        default=None, description="torchvision weights name or checkpoint file name."
+    )
+    checkpoint_sha256: str | None = None
+    trained: bool
+    opset: int
+    exporter_version: str
+    torch_version: str
+    exported_at: str = Field(description="UTC time of the export, ISO 8601.")
+
+
+class Verification(_Frozen):
+    """PyTorch versus ONNX Runtime on the same inputs, measured at export time."""
+
+    inputs: str = Field(description="What was fed: 'random' or the image folder used.")
+    batch_sizes: tuple[int, ...]
+    max_abs_diff_logits: float
+    max_rel_diff_logits: float
+    max_abs_diff_embedding: float
+    max_rel_diff_embedding: float
+    top1_agreement: float = Field(ge=0.0, le=1.0)
+    tolerance: float
+
+
+class ModelCard(_Frozen):
+    """Everything the service needs to know about a model beyond its graph."""
+
+    labels: tuple[str, ...] = Field(min_length=1)
+    preprocessing: Preprocessing
+    provenance: Provenance
+    verification: Verification | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_metadata_props(self) -> dict[str, str]:
+        """The card as ONNX ``metadata_props`` (string to string)."""
+        props = {"format": FORMAT}
+        for key in _KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                props[key] = json.dumps(
+                    value if key == "labels" else value.model_dump(mode="json"),
+                    separators=(",", ":"),
+                )
+        return props
+
+    @classmethod
+    def from_metadata_props(cls, props: Mapping[str, str]) -> ModelCard:
+        """Read a card back from ``metadata_props`` or ORT's ``custom_metadata_map``."""
+        found = props.get("format")
+        if found != FORMAT:
+            raise MetadataError(
+                f"model metadata 'format' is {found!r}, expected {FORMAT!r}: "
+                "was this file written by `python -m export`?"
+            )
+        try:
+            fields = {key: json.loads(props[key]) for key in _KEYS if key in props}
+            return cls.model_validate(fields)
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise MetadataError(f"model metadata is malformed: {exc}") from exc
