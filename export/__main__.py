@@ -1,0 +1,146 @@
+"""``python -m export``: a trained ResNet becomes a verified, self-describing ONNX model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from export import builders, cifar_resnet, onnx_export, verify
+from export.api import export_model
+from export.errors import ExportError
+
+DESCRIPTION = """\
+Export a ResNet to models/<name>/<version>/model.onnx: input `input` float32 [N, 3, H, W]
+(dynamic batch), outputs `logits` [N, classes] and `embedding` [N, D] (the pooled features
+that feed the final linear layer). Labels, preprocessing and provenance are stored in the
+file's metadata; PyTorch and ONNX Runtime are compared at batch sizes 1 and 8 and the
+export fails if they differ beyond a float32 tolerance.
+
+architectures:
+  torchvision   {tv}
+  CIFAR         {cifar}
+                (cifar-resnet<6n+2>[-b]: v1, option A or B shortcuts; cifar-preact-resnet<9n+2>: v2)
+  your own      package.module:function  (importable from . or --code-path; called with
+                num_classes=len(labels) if it takes that argument)
+"""
+
+EPILOG = """\
+examples:
+  python -m export resnet50 --weights none --out models --name resnet50
+  python -m export resnet50 --weights IMAGENET1K_V2 --out models --name resnet50   (online)
+  python -m export cifar-resnet20 --checkpoint runs/r20/best.pt --out models --name cifar10-resnet20
+  python -m export my_models.resnet:resnet20 --checkpoint r20.th --input-size 32 --resize 32 \\
+      --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 --labels labels.txt \\
+      --out models --name my-r20
+
+checkpoints: a state_dict, or a dict holding one under state_dict / model / model_state_dict
+(keys may carry a `module.` prefix); read with torch.load(weights_only=True). This project's
+training checkpoints (python -m export.train) also supply labels, mean, std and input size.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description=DESCRIPTION.format(
+            tv=", ".join(builders.TORCHVISION_ARCHS), cifar=", ".join(cifar_resnet.CIFAR_ARCHS)
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("arch", help="architecture (see above)")
+    src = p.add_argument_group("weights")
+    src.add_argument(
+        "--weights",
+        default="none",
+        help="torchvision weights name (IMAGENET1K_V2, DEFAULT; needs the network) "
+        "or none for random, untrained weights (default: none)",
+    )
+    src.add_argument("--checkpoint", type=Path, help="checkpoint file (.pt, .pth, .th)")
+    src.add_argument(
+        "--code-path", type=Path, help="directory to import a user's package.module from"
+    )
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, required=True, help="model repository, e.g. models")
+    out.add_argument("--name", required=True, help="model name: the folder under --out")
+    out.add_argument("--version", type=int, help="version number (default: the next free one)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    out.add_argument(
+        "--opset",
+        type=int,
+        default=onnx_export.DEFAULT_OPSET,
+        help="ONNX opset (default: %(default)s)",
+    )
+    card = p.add_argument_group("model card (default: from the weights or checkpoint)")
+    card.add_argument("--labels", type=Path, help="text file, one class name per line")
+    card.add_argument("--input-size", type=int, help="side of the square model input (crop)")
+    card.add_argument("--resize", type=int, help="shorter side before the center crop")
+    card.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
+    card.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    card.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"))
+    card.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
+    card.add_argument(
+        "--embedding-layer",
+        help="layer whose output is the embedding (default: input of the last nn.Linear)",
+    )
+    ver = p.add_argument_group("verification")
+    ver.add_argument(
+        "--verify-images", type=Path, help="folder of images to verify on (default: random images)"
+    )
+    ver.add_argument(
+        "--verify-batch-sizes", type=int, nargs="+", default=list(verify.BATCH_SIZES), metavar="N"
+    )
+    ver.add_argument(
+        "--tolerance",
+        type=float,
+        default=verify.TOLERANCE,
+        help="largest allowed relative difference (default: %(default)s)",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Our progress lines at INFO; the exporter's own loggers (onnxscript) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("export").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    try:
+        result = export_model(
+            args.arch,
+            out=args.out,
+            name=args.name,
+            version=args.version,
+            weights=args.weights,
+            checkpoint_path=args.checkpoint,
+            code_path=args.code_path,
+            labels=args.labels,
+            input_size=args.input_size,
+            resize=args.resize,
+            mean=args.mean,
+            std=args.std,
+            interpolation=args.interpolation,
+            channel_order=args.channel_order,
+            embedding_layer=args.embedding_layer,
+            verify_images=args.verify_images,
+            batch_sizes=tuple(args.verify_batch_sizes),
+            tolerance=args.tolerance,
+            opset=args.opset,
+            overwrite=args.overwrite,
+        )
+    except Exception as exc:
+        if args.debug:
+            raise
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, ExportError):
+            reason = f"{type(exc).__name__}: {reason}"
+        print(f"error: {reason}", file=sys.stderr)
+        return 1
+    print(f"{result.path}  ({result.card.num_classes} classes, version {result.version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The export pipeline as one function: build, load weights, export, verify, describe, write.
+
+:func:`export_model` is what ``python -m export`` runs, and what tests call directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from export import builders, checkpoint, onnx_export, verify
+from export.errors import ExportError
+from export.features import WithEmbedding
+from export.labels import read_labels
+from service.metadata import ModelCard, Preprocessing, Provenance
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the model went and what its card says; ``report`` is the verification table."""
+
+    path: Path
+    version: int
+    card: ModelCard
+    report: str
+
+
+def export_model(
+    arch: str,
+    *,
+    out: Path,
+    name: str,
+    version: int | None = None,
+    weights: str | None = None,
+    checkpoint_path: Path | None = None,
+    code_path: Path | None = None,
+    labels: Path | Sequence[str] | None = None,
+    input_size: int | None = None,
+    resize: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: Interpolation | None = None,
+    channel_order: Literal["RGB", "BGR"] = "RGB",
+    embedding_layer: str | None = None,
+    verify_images: Path | None = None,
+    batch_sizes: tuple[int, ...] = verify.BATCH_SIZES,
+    tolerance: float = verify.TOLERANCE,
+    opset: int = onnx_export.DEFAULT_OPSET,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export ``arch`` to ``out/name/version/model.onnx``, verified and self-describing.
+
+    ``arch`` is a torchvision ResNet (``resnet50``), a CIFAR ResNet (``cifar-resnet20``)
+    or a user factory (``package.module:function``). ``weights`` is a torchvision weights
+    name (``IMAGENET1K_V2``, ``DEFAULT``) or None/``"none"`` for random weights.
+    Preprocessing and labels come from the weights, the checkpoint or the source's
+    defaults, and any argument given here overrides them. Raises :class:`ExportError`.
+    """
+    started = time.perf_counter()
+    if weights is not None and weights.lower() == "none":
+        weights = None
+    if weights is not None and checkpoint_path is not None:
+        raise ExportError("give either --weights or --checkpoint, not both")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ExportError(f"verification batch sizes must be >= 1, got {batch_sizes}")
+    target_dir, version = _target(out, name, version, overwrite=overwrite)
+
+    ckpt = checkpoint.load(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None and ckpt.arch is not None and ckpt.arch != arch:
+        raise ExportError(f"checkpoint {ckpt.path} was trained as {ckpt.arch}, not {arch}")
+    names = _labels(labels) or (ckpt.classes if ckpt else None)
+
+    log.info("building %s (%s)", arch, _weights_text(weights, checkpoint_path))
+    source = builders.build(
+        arch, weights=weights, num_classes=len(names) if names else None, code_path=code_path
+    )
+    if ckpt is not None:
+        checkpoint.apply(source.model, ckpt.state_dict, what=arch)
+        log.info("loaded %d tensors from %s", len(ckpt.state_dict), ckpt.path)
+    model = WithEmbedding(source.model, layer=embedding_layer).eval()
+
+    pre = _preprocessing(
+        source, ckpt, input_size=input_size, resize=resize, mean=mean, std=std,
+        interpolation=interpolation, channel_order=channel_order,
+    )  # fmt: skip
+    num_classes, dim = _probe(model, pre.crop)
+    if names is None:
+        names = source.labels
+    if names is None:
+        log.warning("no labels given: naming the %d classes class_0.. (use --labels)", num_classes)
+        names = tuple(f"class_{i}" for i in range(num_classes))
+    if len(names) != num_classes:
+        raise ExportError(f"the model has {num_classes} outputs but {len(names)} labels were given")
+    log.info("%s: %d classes, embedding width %d, input %dx%d", arch, num_classes, dim, pre.crop,
+             pre.crop)  # fmt: skip
+
+    log.info("exporting to ONNX (opset %d) ...", opset)
+    proto = onnx_export.to_onnx(model, input_size=pre.crop, opset=opset)
+    card = ModelCard(
+        labels=names,
+        preprocessing=pre,
+        provenance=Provenance(
+            arch=arch,
+            source=source.kind,
+            weights=source.weights or (ckpt.path.name if ckpt else None),
+            checkpoint_sha256=ckpt.sha256 if ckpt else None,
+            trained=weights is not None or ckpt is not None,
+            opset=onnx_export.graph_opset(proto),
+            exporter_version=onnx_export.exporter_name(),
+            torch_version=torch.__version__,
+            exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        ),
+    )
+
+    n = max(batch_sizes)
+    if verify_images is not None:
+        images, inputs = verify.folder_images(verify_images, n, pre), str(verify_images)
+    else:
+        images, inputs = verify.random_images(n, pre), "random"
+    onnx_export.set_metadata(proto, card.to_metadata_props())
+    results = verify.compare(model, proto.SerializeToString(), images, batch_sizes=batch_sizes)
+    figures = verify.summarize(results, inputs=inputs, tolerance=tolerance)
+    text = verify.report(results, figures)
+    log.info("%s", text)
+    verify.check(figures)
+
+    card = card.model_copy(update={"verification": figures})
+    onnx_export.set_metadata(proto, card.to_metadata_props())
+    path = target_dir / "model.onnx"
+    onnx_export.save(proto, path)
+    seconds = time.perf_counter() - started
+    log.info("wrote %s (%.1f MB) in %.1fs", path, path.stat().st_size / 1e6, seconds)
+    return ExportResult(path=path, version=version, card=card, report=text)
+
+
+def next_version(model_dir: Path) -> int:
+    """One more than the highest numbered version under ``model_dir`` (1 when none)."""
+    taken = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(taken, default=0) + 1
+
+
+def _target(out: Path, name: str, version: int | None, *, overwrite: bool) -> tuple[Path, int]:
+    if not _NAME.match(name):
+        raise ExportError(f"model name {name!r} may hold only letters, digits, '.', '_' and '-'")
+    if version is None:
+        version = next_version(out / name)
+    elif version < 1:
+        raise ExportError(f"--version must be >= 1, got {version}")
+    target = out / name / str(version)
+    if (target / "model.onnx").exists() and not overwrite:
+        raise ExportError(f"{target / 'model.onnx'} exists; pick another --version or --overwrite")
+    return target, version
+
+
+def _labels(labels: Path | Sequence[str] | None) -> tuple[str, ...] | None:
+    if labels is None:
+        return None
+    if isinstance(labels, Path):
+        return read_labels(labels)
+    if not labels:
+        raise ExportError("labels must not be empty")
+    return tuple(labels)
+
+
+def _weights_text(weights: str | None, ckpt: Path | None) -> str:
+    if ckpt is not None:
+        return f"checkpoint {ckpt}"
+    return f"torchvision weights {weights}" if weights else "random weights, untrained"
+
+
+def _preprocessing(
+    source: builders.Source,
+    ckpt: checkpoint.Checkpoint | None,
+    *,
+    input_size: int | None,
+    resize: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    interpolation: Interpolation | None,
+    channel_order: Literal["RGB", "BGR"],
+) -> Preprocessing:
+    """Flags first, then the checkpoint, then the source's defaults.
+
+    A new crop size without a resize keeps the source's resize/crop ratio (256/224 for
+    ImageNet models, 1 for CIFAR ones).
+    """
+    crop = input_size or (ckpt.input_size if ckpt else None) or source.crop
+    if resize is None:
+        resize = source.resize if crop == source.crop else round(crop * source.resize / source.crop)
+    if resize < crop:
+        raise ExportError(f"--resize {resize} is smaller than the input size {crop}")
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) != 3:
+            raise ExportError(f"{flag} takes 3 values (one per channel), got {len(values)}")
+    if std is not None and min(std) <= 0:
+        raise ExportError(f"--std values must be > 0, got {list(std)}")
+    return Preprocessing(
+        resize=resize,
+        crop=crop,
+        mean=_triple(mean) or (ckpt.mean if ckpt else None) or source.mean,
+        std=_triple(std) or (ckpt.std if ckpt else None) or source.std,
+        interpolation=interpolation or source.interpolation,
+        channel_order=channel_order,
+    )
+
+
+def _triple(values: Sequence[float] | None) -> tuple[float, float, float] | None:
+    if values is None:
+        return None
+    a, b, c = (float(x) for x in values)
+    return (a, b, c)
+
+
+def _probe(model: WithEmbedding, size: int) -> tuple[int, int]:
+    """(classes, embedding width), from one forward pass in PyTorch."""
+    try:
+        with torch.no_grad():
+            logits, embedding = model(torch.randn(2, 3, size, size))
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(
+            f"forward pass on [2, 3, {size}, {size}] failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    return int(logits.shape[1]), int(embedding.shape[1])

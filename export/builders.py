@@ -1,0 +1,218 @@
+"""The three sources of a model: torchvision's ResNets, the CIFAR ResNets, a user's factory.
+
+Each builder returns a :class:`Source`: the model (eval mode, weights not yet from a
+checkpoint) and what the source itself knows about labels and preprocessing. Flags and
+training checkpoints override those defaults later, in :mod:`export.api`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import sys
+import urllib.error
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from export import cifar_resnet
+from export.errors import ExportError
+from export.labels import CIFAR10_CLASSES, imagenet_classes
+
+log = logging.getLogger(__name__)
+
+TORCHVISION_ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "resnext50_32x4d",
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Per-channel statistics of the CIFAR-10 training set; this project's training checkpoints
+# carry their own (computed on the 45k training split), which take precedence.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+Kind = Literal["torchvision", "cifar", "custom"]
+
+
+@dataclass
+class Source:
+    """A freshly built model and the defaults its source implies."""
+
+    model: nn.Module
+    kind: Kind
+    arch: str
+    labels: tuple[str, ...] | None
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    weights: str | None = None
+    """torchvision weights name when pretrained weights were loaded (no checkpoint)."""
+
+
+def kind_of(arch: str) -> Kind:
+    if arch in TORCHVISION_ARCHS:
+        return "torchvision"
+    if cifar_resnet.is_cifar_arch(arch):
+        return "cifar"
+    if ":" in arch:
+        return "custom"
+    raise ExportError(
+        f"unknown architecture {arch!r}: expected one of {', '.join(TORCHVISION_ARCHS)}, "
+        f"a CIFAR ResNet ({', '.join(cifar_resnet.CIFAR_ARCHS)}), "
+        "or a user factory as package.module:function"
+    )
+
+
+def build(
+    arch: str,
+    *,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    code_path: Path | None = None,
+) -> Source:
+    """Build ``arch``; ``weights`` is a torchvision weights name or None for random weights."""
+    kind = kind_of(arch)
+    if weights is not None and kind != "torchvision":
+        raise ExportError(
+            f"--weights {weights} applies to torchvision architectures only; "
+            f"give {arch} its weights with --checkpoint"
+        )
+    if kind == "torchvision":
+        return _torchvision(arch, weights=weights, num_classes=num_classes)
+    if kind == "cifar":
+        model = cifar_resnet.build(arch, num_classes=num_classes or len(CIFAR10_CLASSES))
+        return Source(
+            model=model.eval(),
+            kind="cifar",
+            arch=arch,
+            labels=CIFAR10_CLASSES,
+            resize=32,
+            crop=32,
+            mean=CIFAR10_MEAN,
+            std=CIFAR10_STD,
+        )
+    return _custom(arch, num_classes=num_classes, code_path=code_path)
+
+
+def _torchvision(arch: str, *, weights: str | None, num_classes: int | None) -> Source:
+    from torchvision.models import get_model_builder, get_model_weights
+
+    enum = get_model_weights(arch)
+    if weights is None:
+        model = get_model_builder(arch)(weights=None, num_classes=num_classes or 1000)
+        return Source(
+            model=model.eval(),
+            kind="torchvision",
+            arch=arch,
+            labels=imagenet_classes() if num_classes in (None, 1000) else None,
+            resize=256,
+            crop=224,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        )
+    name = weights.rpartition(".")[2].upper()  # also accepts ResNet50_Weights.IMAGENET1K_V2
+    try:
+        chosen = enum.DEFAULT if name == "DEFAULT" else enum[name]
+    except KeyError:
+        names = ", ".join(["DEFAULT", *(w.name for w in enum)])
+        raise ExportError(f"{arch} has no weights {weights!r}; known: {names}, none") from None
+    if num_classes not in (None, len(chosen.meta["categories"])):
+        raise ExportError(f"--weights {chosen.name} has 1000 classes, not {num_classes}")
+    log.info("fetching torchvision weights %s.%s (cached under $TORCH_HOME)", arch, chosen.name)
+    try:
+        model = get_model_builder(arch)(weights=chosen)
+    except (urllib.error.URLError, OSError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ExportError(
+            f"cannot download {arch} weights {chosen.name} from {chosen.url} ({reason}); "
+            "this machine looks offline: download the file elsewhere and pass it with "
+            "--checkpoint, or use --weights none"
+        ) from exc
+    transforms = chosen.transforms()
+    return Source(
+        model=model.eval(),
+        kind="torchvision",
+        arch=arch,
+        labels=tuple(chosen.meta["categories"]),
+        resize=int(transforms.resize_size[0]),
+        crop=int(transforms.crop_size[0]),
+        mean=_triple(transforms.mean),
+        std=_triple(transforms.std),
+        interpolation=transforms.interpolation.value,
+        weights=chosen.name,
+    )
+
+
+def _custom(arch: str, *, num_classes: int | None, code_path: Path | None) -> Source:
+    factory = load_factory(arch, code_path=code_path)
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None and "num_classes" in _parameters(factory):
+        kwargs["num_classes"] = num_classes
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise ExportError(f"{arch}({_show(kwargs)}) failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"{arch}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return Source(
+        model=model.eval(),
+        kind="custom",
+        arch=arch,
+        labels=None,
+        resize=256,
+        crop=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+
+
+def load_factory(spec: str, *, code_path: Path | None = None) -> Callable[..., Any]:
+    """Import ``package.module:function`` from ``code_path`` (if given) or the current directory."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ExportError(f"{spec!r}: a user model is named package.module:function")
+    roots = [str(code_path.resolve())] if code_path is not None else []
+    roots.append(str(Path.cwd()))
+    for root in reversed(roots):
+        if root not in sys.path:
+            sys.path.insert(0, root)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        where = f"{code_path} or the current directory" if code_path else "the current directory"
+        raise ExportError(
+            f"cannot import {module_name!r} from {where} ({exc}); "
+            "pass the directory that holds the package with --code-path"
+        ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ExportError(f"{module_name} has no callable {attr!r}")
+    return factory
+
+
+def _parameters(fn: Callable[..., Any]) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _show(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    a, b, c = (float(x) for x in values)
+    return (a, b, c)

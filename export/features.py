@@ -1,0 +1,77 @@
+"""Logits and embedding from one forward pass, for any classifier.
+
+The embedding is the input of the final ``nn.Linear`` (the globally pooled features for
+every ResNet), or the output of a layer the user names. A :class:`_Tap` takes the place of
+that layer, records what flows through it and hands it on unchanged, so the model's own
+``forward`` runs exactly as written and the exporter traces one pass with two outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from export.errors import ExportError
+
+
+class _Tap(nn.Module):
+    """Wraps ``inner`` and keeps its input (``side="input"``) or output, flattened to [N, D]."""
+
+    def __init__(self, inner: nn.Module, side: Literal["input", "output"]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.side = side
+        self.seen: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.inner(x)
+        self.seen = torch.flatten(x if self.side == "input" else out, 1)
+        return out
+
+
+class WithEmbedding(nn.Module):
+    """``forward(input) -> (logits, embedding)``; see the module docstring."""
+
+    def __init__(self, model: nn.Module, *, layer: str | None = None) -> None:
+        super().__init__()
+        if layer is None:
+            layer = final_linear(model)
+            side: Literal["input", "output"] = "input"
+        else:
+            side = "output"
+        try:
+            target = model.get_submodule(layer)
+        except AttributeError as exc:
+            names = ", ".join(n for n, _ in model.named_children())
+            raise ExportError(
+                f"the model has no layer {layer!r} (its top-level layers: {names})"
+            ) from exc
+        self.layer = layer
+        self.tap = _Tap(target, side)
+        parent_name, _, leaf = layer.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, self.tap)
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.tap.seen = None
+        logits = self.model(x)
+        embedding = self.tap.seen
+        if embedding is None:
+            raise ExportError(f"layer {self.layer!r} was not called by the model's forward()")
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            got = f"shape {list(logits.shape)}" if isinstance(logits, Tensor) else type(logits)
+            raise ExportError(f"forward() must return one [N, classes] tensor, got {got}")
+        return logits, embedding
+
+
+def final_linear(model: nn.Module) -> str:
+    """Name of the last ``nn.Linear`` registered in ``model`` (``fc`` for every ResNet)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ExportError(
+            "the model has no nn.Linear layer to take the embedding from; "
+            "name the embedding layer with --embedding-layer"
+        )
+    return names[-1]
