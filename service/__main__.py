@@ -1,0 +1,82 @@
+"""``python -m service``: validate the settings, print them, and serve with uvicorn.
+
+Every setting has a flag (``--max-batch-size 16``) and an environment variable
+(``RESNET_SERVE_MAX_BATCH_SIZE=16``); flags win. ``--models`` is short for
+``--models-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import onnxruntime
+import uvicorn
+
+from service import __version__
+from service.app import create_app
+from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+
+ALIASES = {"models_dir": ["--models"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per setting, generated from ``Settings`` so the two never drift apart."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve the ONNX models of a model repository over HTTP.",
+        epilog=f"Every flag also reads an environment variable, {ENV_PREFIX}<NAME>; flags win.",
+    )
+    for name, field in Settings.model_fields.items():
+        flags = [*ALIASES.get(name, []), "--" + name.replace("_", "-")]
+        default = field.default
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(
+            *flags,
+            dest=name,
+            default=None,
+            metavar=name.split("_")[-1].upper(),
+            help=f"{field.description} [{ENV_PREFIX}{name.upper()}, default: {shown}]",
+        )
+    return parser
+
+
+def banner(settings: Settings, flags: set[str]) -> str:
+    """The effective configuration, one setting a line, with where each value came from."""
+    lines = [
+        f"resnet-serve {__version__} (onnxruntime {onnxruntime.__version__}, "
+        f"providers available: {', '.join(onnxruntime.get_available_providers())})",
+    ]
+    for name, env, value in settings.as_rows():
+        source = "flag" if name in flags else "env" if env in os.environ else "default"
+        lines.append(f"  {name:<24} {value:<28} ({source}, {env})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = {name: value for name, value in vars(args).items() if value is not None}
+    try:
+        settings = load_settings(**flags)
+    except SettingsError as exc:
+        print(f"python -m service: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    print(banner(settings, set(flags)), flush=True)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

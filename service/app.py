@@ -1,0 +1,111 @@
+"""The FastAPI application factory: ``create_app(settings)``.
+
+Nothing heavy happens at import or in the factory: the lifespan starts loading the models
+in the background, so the server answers ``/healthz`` at once and ``/readyz`` turns 200
+once every model is loaded and warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service import __version__
+from service.errors import ServiceError
+from service.metrics import Metrics, MetricsMiddleware
+from service.registry import ModelRegistry
+from service.routes import embed, health, models, predict
+from service.routes.deps import AppContext
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Image classification and embeddings with ResNets exported to ONNX, served by ONNX Runtime
+with dynamic batching. Send an image as the raw body (`Content-Type: image/jpeg`, ...) or
+as multipart/form-data file parts named `file`. Errors come back as
+`{"error": {"code": "...", "message": "..."}}`.
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """A new app serving the models under ``settings.models_dir``."""
+    metrics = Metrics()
+    context = AppContext(
+        settings=settings,
+        registry=ModelRegistry(settings, metrics),
+        metrics=metrics,
+        preprocess_pool=ThreadPoolExecutor(
+            settings.effective_preprocess_threads(), thread_name_prefix="preprocess"
+        ),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(context.registry.load_all(), name="load-models")
+        loading.add_done_callback(_log_failure)
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await context.registry.close()
+            context.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="resnet-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan
+    )
+    app.state.context = context
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unhandled_error)
+    for module in (predict, embed, models, health):
+        app.include_router(module.router)
+    return app
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("loading models failed", exc_info=task.exception())
+
+
+def _error(request: Request, status: int, code: str, message: str, **kw: object) -> JSONResponse:
+    request.state.error_code = code
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, **kw)  # type: ignore[arg-type]
+
+
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    if exc.status >= 500:
+        log.warning("%s %s: %s %s", request.method, request.url.path, exc.code, exc.message)
+    return _error(request, exc.status, exc.code, exc.message, headers=exc.headers or None)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"] if p not in ("query", "path", "body"))
+        problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+    return _error(request, 422, "invalid_parameter", "; ".join(problems))
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+    code = codes.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal_error")
+    return _error(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
+async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error(request, 500, "internal_error", "internal error; see the service log")

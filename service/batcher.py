@@ -1,0 +1,224 @@
+"""Dynamic batching: images from concurrent requests share one engine run.
+
+Modelled on Ray Serve's ``batching.py``. Each preprocessed image is one pending item with
+its own future. The loop waits (on an event, never a sleep) for the first item, then for
+more until the batch is full or ``max_delay`` has passed since that first item arrived;
+it drops items whose requests were cancelled, runs the batch once in its executor thread
+and hands each item its own row of every output. Every future is resolved on every path:
+engine errors fail that batch only, and shutdown fails whatever could not be drained.
+
+Inputs are any float32 rows of the model's input shape, so decoded images (``/predict``)
+and already-preprocessed tensors (the v2 protocol's ``input``) join the same queue. A
+request with several images submits several items, which may span batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from service.errors import InferenceFailed, Overloaded, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+Outputs = Mapping[str, np.ndarray]
+"""Named outputs of a batch or of one row of it."""
+RunBatch = Callable[[Sequence[np.ndarray]], Outputs]
+"""Runs rows as one batch; every output has one row per input row, in order."""
+
+
+class BatchObserver(Protocol):
+    """Receives what the batcher does (metrics.py implements it)."""
+
+    def batch_done(self, size: int, queue_waits: Sequence[float], run_seconds: float) -> None: ...
+
+    def queue_depth(self, depth: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Pending:
+    """One image waiting for its batch."""
+
+    row: np.ndarray
+    future: asyncio.Future[Outputs]
+    enqueued: float = field(default=0.0)
+
+
+def _set_result(future: asyncio.Future[Outputs], value: Outputs) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Outputs], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class Batcher:
+    """Groups single rows into batches for one model version. Use from one event loop."""
+
+    def __init__(
+        self,
+        run: RunBatch,
+        *,
+        name: str,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_size = max_queue_size
+        self._run = run
+        self._observer = observer
+        self._queue: deque[Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        # One thread: one batch in flight per model, while the loop gathers the next one.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{name}")
+
+    @property
+    def depth(self) -> int:
+        """Items queued, including cancelled ones not yet dropped."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name=f"batcher-{self.name}"
+            )
+
+    def submit(self, rows: Sequence[np.ndarray]) -> list[asyncio.Future[Outputs]]:
+        """Queue rows (all or none); each future resolves to that row's outputs.
+
+        Raises ``ShuttingDown`` after :meth:`stop` and ``Overloaded`` when the rows do not
+        fit in the queue, so that a request is never half accepted.
+        """
+        if self._closing or self._task is None:
+            raise ShuttingDown(f"model {self.name} is not accepting requests (shutting down)")
+        if len(self._queue) + len(rows) > self.max_queue_size:
+            raise Overloaded(
+                f"model {self.name} has {len(self._queue)} images queued "
+                f"(limit {self.max_queue_size}); retry shortly"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        futures: list[asyncio.Future[Outputs]] = []
+        for row in rows:
+            future: asyncio.Future[Outputs] = loop.create_future()
+            self._queue.append(Pending(row, future, now))
+            futures.append(future)
+        self._wakeup.set()
+        if self._observer is not None:
+            self._observer.queue_depth(len(self._queue))
+        return futures
+
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop accepting, run what is queued (up to ``timeout_s``), fail anything left."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("batcher %s: drain timed out, failing the rest", self.name)
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        while self._queue:
+            _set_exception(self._queue.popleft().future, ShuttingDown("the service shut down"))
+        self._executor.shutdown(wait=False)
+
+    async def _loop(self) -> None:
+        while True:
+            self._drop_cancelled_head()
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_for_batch()
+            batch = self._take()
+            if batch:
+                await self._run_batch(batch)
+
+    def _drop_cancelled_head(self) -> None:
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+
+    async def _wait_for_batch(self) -> None:
+        """Until the batch is full or the first item has waited ``max_delay_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = self._queue[0].enqueued + self.max_delay_s
+        while len(self._queue) < self.max_batch_size and not self._closing:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[Pending]:
+        """Up to ``max_batch_size`` live items; cancelled ones are dropped on the way."""
+        batch: list[Pending] = []
+        while self._queue and len(batch) < self.max_batch_size:
+            item = self._queue.popleft()
+            if not item.future.done():
+                batch.append(item)
+        if self._observer is not None:
+            self._observer.queue_depth(len(self._queue))
+        return batch
+
+    async def _run_batch(self, batch: list[Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            rows = [item.row for item in batch]
+            outputs = await loop.run_in_executor(self._executor, self._run, rows)
+            run_seconds = loop.time() - started
+            split = _split(outputs, len(batch), self.name)
+            for item, row_outputs in zip(batch, split, strict=True):
+                _set_result(item.future, row_outputs)
+            if self._observer is not None:
+                waits = [started - item.enqueued for item in batch]
+                self._observer.batch_done(len(batch), waits, run_seconds)
+        except InferenceFailed as exc:
+            log.error("batcher %s: %s", self.name, exc.message)
+            for item in batch:
+                _set_exception(item.future, exc)
+        except Exception as exc:
+            log.exception("batcher %s: engine failed on a batch of %d", self.name, len(batch))
+            failed = InferenceFailed(f"inference failed on a batch of {len(batch)}: {exc}")
+            for item in batch:
+                _set_exception(item.future, failed)
+        finally:  # cancellation (shutdown) included: no future may be left pending
+            for item in batch:
+                _set_exception(item.future, ShuttingDown("the service shut down mid-batch"))
+
+
+def _split(outputs: Outputs, size: int, name: str) -> list[dict[str, np.ndarray]]:
+    """Per-row views of each output, after checking that each has one row per input."""
+    for key, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != size:
+            raise InferenceFailed(
+                f"model {name} returned {value.shape[0] if value.ndim else 'a scalar'} rows "
+                f"of {key!r} for a batch of {size} inputs"
+            )
+    return [{key: value[i] for key, value in outputs.items()} for i in range(size)]

@@ -1,0 +1,176 @@
+"""One ONNX Runtime session for one model file, and the checks that it fits the contract.
+
+The engine runs a whole batch: float32 [N, 3, H, W] in, and ``logits`` [N, C],
+``probabilities`` [N, C] (softmax, computed here in the same executor thread) and
+``embedding`` [N, D] out. It knows nothing about HTTP or queues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.metadata import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, MetadataError, ModelCard
+from service.settings import PROVIDER_ALIASES
+
+log = logging.getLogger(__name__)
+
+PROBABILITIES_NAME = "probabilities"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class ModelLoadError(RuntimeError):
+    """A model file that cannot be served: unreadable, no model card, wrong inputs/outputs."""
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadSettings:
+    """ONNX Runtime CPU thread options (see ``Settings``)."""
+
+    intra_op: int = 0
+    inter_op: int = 1
+    allow_spinning: bool = False
+
+
+def resolve_providers(requested: Sequence[str], available: Iterable[str]) -> list[str]:
+    """Provider names to ask ONNX Runtime for, best first.
+
+    'auto' means CUDA when this onnxruntime build has it, else CPU. The CPU provider is
+    always appended last, so that a node or a device CUDA cannot take still runs.
+    """
+    available = list(available)
+    if tuple(requested) == ("auto",):
+        wanted = [CUDA, CPU] if CUDA in available else [CPU]
+    else:
+        wanted = [PROVIDER_ALIASES.get(name, name) for name in requested]
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        log.warning(
+            "providers %s are not available in this onnxruntime build (available: %s)",
+            missing,
+            available,
+        )
+    chosen = [name for name in wanted if name in available]
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, stable for large logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+class Engine:
+    """An ONNX Runtime session for a model exported by ``python -m export``."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        providers: Sequence[str] = ("auto",),
+        threads: ThreadSettings | None = None,
+    ) -> None:
+        self.path = path
+        try:
+            data = path.read_bytes()  # read once: hashed here, parsed by ORT from memory
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        threads = threads or ThreadSettings()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads.intra_op
+        options.inter_op_num_threads = threads.inter_op
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = "1" if threads.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        wanted = resolve_providers(providers, ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(data, sess_options=options, providers=wanted)
+            self.card = ModelCard.from_metadata_props(
+                self.session.get_modelmeta().custom_metadata_map
+            )
+        except MetadataError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from exc
+        except Exception as exc:  # ORT raises its own exception types for bad files
+            raise ModelLoadError(f"{path} is not a loadable ONNX model: {exc}") from exc
+        self.provider = self.session.get_providers()[0]
+        if wanted[0] != self.provider:
+            log.warning("%s: asked for %s, running on %s", path, wanted[0], self.provider)
+        self.num_classes, self.embedding_dim = self._check_signature()
+
+    @property
+    def input_size(self) -> int:
+        return self.card.preprocessing.crop
+
+    def _check_signature(self) -> tuple[int, int]:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        size = self.input_size
+        if list(inputs) != [INPUT_NAME]:
+            raise ModelLoadError(
+                f"{self.path}: expected one input {INPUT_NAME!r}, got {list(inputs)}"
+            )
+        shape = inputs[INPUT_NAME].shape
+        if inputs[INPUT_NAME].type != "tensor(float)" or list(shape[1:]) != [3, size, size]:
+            raise ModelLoadError(
+                f"{self.path}: input must be float32 [N, 3, {size}, {size}] as the model card's "
+                f"crop says, got {inputs[INPUT_NAME].type} {shape}"
+            )
+        for name in (LOGITS_NAME, EMBEDDING_NAME):
+            if name not in outputs:
+                raise ModelLoadError(f"{self.path}: output {name!r} missing, got {list(outputs)}")
+        num_classes = outputs[LOGITS_NAME].shape[1]
+        dim = outputs[EMBEDDING_NAME].shape[1]
+        if num_classes != self.card.num_classes:
+            raise ModelLoadError(
+                f"{self.path}: {num_classes} logits but {self.card.num_classes} labels in the card"
+            )
+        if not isinstance(dim, int):
+            raise ModelLoadError(f"{self.path}: embedding width must be static, got {dim!r}")
+        return self.card.num_classes, dim
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 [N, 3, H, W] -> logits, probabilities and embedding, one row each per input."""
+        logits, embedding = self.session.run([LOGITS_NAME, EMBEDDING_NAME], {INPUT_NAME: batch})
+        return {
+            LOGITS_NAME: logits,
+            PROBABILITIES_NAME: softmax(logits.copy()),
+            EMBEDDING_NAME: embedding,
+        }
+
+    def run_rows(self, rows: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Stack [3, H, W] rows into one batch and run it (the batcher's entry point)."""
+        return self.run(np.stack(rows) if len(rows) > 1 else rows[0][None])
+
+    def warm_up(self, batch_sizes: Iterable[int]) -> float:
+        """Run once at each batch size, so that the first requests do not pay for allocation."""
+        start = time.perf_counter()
+        size = self.input_size
+        rng = np.random.default_rng(0)
+        for n in sorted(set(batch_sizes)):
+            self.run(rng.standard_normal((n, 3, size, size), dtype=np.float32))
+        return time.perf_counter() - start
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """The sizes warmed up: powers of two below ``max_batch_size``, and that size itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    if max_batch_size > 1:
+        sizes.append(max_batch_size)
+    return sizes

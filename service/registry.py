@@ -1,0 +1,238 @@
+"""The models being served: load, warm up and unload them, and find one for a request.
+
+Each model version gets its own engine, preprocessor and batcher. Loading runs in a
+worker thread, so the HTTP server answers (``/healthz``, ``/readyz`` 503 "loading") while
+models load. A model that fails to load is kept with its reason, for ``/models`` and
+``/readyz``; the others keep serving. ``load``/``unload`` also work at run time
+(unloading stops new requests first, then finishes what is queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.batcher import Batcher
+from service.engine import Engine, ThreadSettings, warmup_sizes
+from service.errors import ModelNotFound, ModelNotReady, ModelRequired
+from service.metrics import Metrics
+from service.preprocess import Preprocessor
+from service.repository import ModelEntry, RepositoryError, scan, scan_model
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class State(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """The batching settings in force for one model (service defaults + config.json)."""
+
+    max_batch_size: int
+    max_delay_ms: float
+    max_queue_size: int
+
+
+@dataclass
+class ServedModel:
+    """One model version and everything needed to run requests on it."""
+
+    name: str
+    version: int
+    path: Path
+    batching: BatchingSettings
+    state: State = State.LOADING
+    reason: str = "queued for loading"
+    engine: Engine | None = None
+    preprocessor: Preprocessor | None = None
+    batcher: Batcher | None = None
+    warmup_seconds: float | None = None
+
+
+class ModelRegistry:
+    """Every model version the service knows, keyed by name then version."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, dict[int, ServedModel]] = {}
+        self.repository_error: str | None = None
+        self.scanned = False
+        self._lock = asyncio.Lock()
+
+    async def load_all(self) -> None:
+        """Scan the repository and load every version of every model, one after another."""
+        async with self._lock:
+            await self._load_all()
+
+    async def _load_all(self) -> None:
+        try:
+            entries = scan(self.settings.models_dir)
+        except RepositoryError as exc:
+            self.repository_error = str(exc)
+            log.warning("%s: serving no models", exc)
+            entries = {}
+        if not entries and self.repository_error is None:
+            self.repository_error = (
+                f"no models found under {self.settings.models_dir} "
+                f"(expected {self.settings.models_dir}/<name>/<version>/model.onnx)"
+            )
+            log.warning("%s", self.repository_error)
+        for entry in entries.values():
+            self._register(entry)
+        self.scanned = True
+        for entry in entries.values():
+            await self._load_entry(entry)
+
+    async def load(self, name: str) -> None:
+        """(Re)load every version of ``name`` from the repository, at run time."""
+        async with self._lock:
+            entry = scan_model(self.settings.models_dir / name)
+            if entry is None:
+                raise ModelNotFound(f"no model {name!r} under {self.settings.models_dir}")
+            await self._unload(name)
+            self._register(entry)
+            await self._load_entry(entry)
+
+    async def unload(self, name: str) -> None:
+        """Stop routing to ``name``, finish its queued work, and release its engines."""
+        async with self._lock:
+            await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
+        versions = self.models.pop(name, {})
+        for served in versions.values():
+            self.metrics.model_ready.labels(name, str(served.version)).set(0)
+            if served.batcher is not None:
+                await served.batcher.stop()
+            served.engine = served.batcher = None
+
+    async def close(self) -> None:
+        """Unload everything (the app's shutdown)."""
+        async with self._lock:
+            for name in list(self.models):
+                await self._unload(name)
+
+    def resolve(self, name: str | None, version: int | None) -> ServedModel:
+        """The ready model version a request asks for; raises 400/404/503 errors otherwise."""
+        if name is None:
+            name = self._default_name()
+        versions = self.models.get(name)
+        if versions is None:
+            raise ModelNotFound(
+                f"unknown model {name!r}; served models: {', '.join(self.models) or 'none'}"
+            )
+        if version is None:
+            version = max(versions)
+        served = versions.get(version)
+        if served is None:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version}; versions: "
+                + ", ".join(str(v) for v in versions)
+            )
+        if served.state is not State.READY:
+            raise ModelNotReady(f"model {name!r} version {version} is {served.reason}")
+        return served
+
+    def _default_name(self) -> str:
+        if self.settings.default_model is not None:
+            return self.settings.default_model
+        if len(self.models) == 1:
+            return next(iter(self.models))
+        if not self.models:
+            raise ModelNotReady(f"no models are served: {self.readiness()[1]}")
+        raise ModelRequired(
+            f"several models are served ({', '.join(self.models)}); choose one with ?model="
+        )
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): ready when every model version is loaded and warm."""
+        if not self.scanned:
+            return False, f"scanning {self.settings.models_dir}"
+        if not self.models:
+            return False, self.repository_error or "no models are served"
+        waiting = [
+            f"{s.name} v{s.version}: {s.reason}"
+            for versions in self.models.values()
+            for s in versions.values()
+            if s.state is not State.READY
+        ]
+        if waiting:
+            return False, "; ".join(waiting)
+        return True, "all models are ready"
+
+    def _register(self, entry: ModelEntry) -> None:
+        o, s = entry.overrides, self.settings
+        batching = BatchingSettings(
+            max_batch_size=o.max_batch_size or s.max_batch_size,
+            max_delay_ms=s.max_delay_ms if o.max_delay_ms is None else o.max_delay_ms,
+            max_queue_size=o.max_queue_size or s.max_queue_size,
+        )
+        self.models[entry.name] = {
+            version: ServedModel(entry.name, version, path, batching)
+            for version, path in entry.versions.items()
+        }
+        if entry.config_error is not None:
+            for served in self.models[entry.name].values():
+                self._fail(served, entry.config_error)
+
+    async def _load_entry(self, entry: ModelEntry) -> None:
+        for served in list(self.models.get(entry.name, {}).values()):
+            if served.state is State.LOADING:
+                await self._load_version(served)
+
+    async def _load_version(self, served: ServedModel) -> None:
+        s = self.settings
+        served.reason = "loading"
+        log.info("loading %s v%d from %s", served.name, served.version, served.path)
+        threads = ThreadSettings(s.intra_op_threads, s.inter_op_threads, s.allow_spinning)
+        try:
+            engine = await asyncio.to_thread(
+                Engine, served.path, providers=s.providers, threads=threads
+            )
+            served.engine = engine
+            served.reason = "warming up"
+            sizes = warmup_sizes(served.batching.max_batch_size)
+            served.warmup_seconds = await asyncio.to_thread(engine.warm_up, sizes)
+        except Exception as exc:  # any failure marks this version failed; others keep serving
+            log.exception("model %s v%d failed to load", served.name, served.version)
+            self._fail(served, str(exc))
+            return
+        served.preprocessor = Preprocessor(
+            engine.card.preprocessing, max_pixels=s.max_image_pixels, draft=s.jpeg_draft
+        )
+        b = served.batching
+        served.batcher = Batcher(
+            engine.run_rows,
+            name=f"{served.name}:{served.version}",
+            max_batch_size=b.max_batch_size,
+            max_delay_s=b.max_delay_ms / 1000.0,
+            max_queue_size=b.max_queue_size,
+            observer=self.metrics.batch_observer(served.name, served.version),
+        )
+        served.batcher.start()
+        served.state, served.reason = State.READY, "ready"
+        self.metrics.model_ready.labels(served.name, str(served.version)).set(1)
+        log.info(
+            "model %s v%d ready on %s (%d classes, embedding %d, warm-up at batch sizes %s "
+            "took %.2f s)",
+            served.name,
+            served.version,
+            engine.provider,
+            engine.num_classes,
+            engine.embedding_dim,
+            sizes,
+            served.warmup_seconds,
+        )
+
+    def _fail(self, served: ServedModel, reason: str) -> None:
+        served.state, served.reason = State.FAILED, f"failed to load: {reason}"
+        self.metrics.model_ready.labels(served.name, str(served.version)).set(0)

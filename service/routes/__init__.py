@@ -1,0 +1,1 @@
+"""HTTP routes, one module per concern; ``images.py`` holds the path they share."""
