@@ -124,9 +124,9 @@ COPY service/ service/
 # version pip resolved, reinstalled over the files the removal took with it.
 RUN --mount=type=cache,target=/root/.cache/pip \
     /opt/venv/bin/pip install ".[gpu]" \
+    && ort_version="$(/opt/venv/bin/pip show onnxruntime-gpu | sed -n 's/^Version: //p')" \
     && /opt/venv/bin/pip uninstall -y onnxruntime \
-    && /opt/venv/bin/pip install --no-deps --force-reinstall \
-        "onnxruntime-gpu==$(/opt/venv/bin/python -c 'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))')"
+    && /opt/venv/bin/pip install --no-deps --force-reinstall "onnxruntime-gpu==${ort_version}"
 # Fail here, not at the first request, if CUDA_IMAGE lacks a library the CUDA provider
 # links (libcuda.so.1 is the driver's, mounted by the NVIDIA container toolkit at run time).
 RUN missing="$(ldd /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so \
