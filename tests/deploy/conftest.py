@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
 import sys
-from collections.abc import Callable
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,3 +118,85 @@ def settings_from_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, st
         return Settings()
 
     return build
+
+
+SHIPPED_MODEL = REPO / "models" / "cifar10-resnet20" / "1" / "model.onnx"
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    """A real `python -m service` process, configured the way the images configure it."""
+
+    port: int
+    models_dir: Path
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Poll /readyz until 200; fail with the server's log if it dies or takes too long."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the service exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.2)  # a subprocess's start-up: nothing to wait on but the socket
+    pytest.fail(f"the service was not ready within 120 s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def served_models_dir(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The shipped model repository once it exists, else an untrained CIFAR ResNet-20
+    exported by the real exporter under the shipped model's name."""
+    if SHIPPED_MODEL.exists():
+        return REPO / "models"
+    try:  # the session-wide export of tests/conftest.py, shared with the service tests
+        model_file: Path = request.getfixturevalue("cifar_model_file")
+    except pytest.FixtureLookupError:
+        from export.api import export_model
+
+        out = tmp_path_factory.mktemp("models")
+        model_file = Path(export_model("cifar-resnet20", out=out, name="cifar10-resnet20").path)
+    return model_file.parents[2]
+
+
+@pytest.fixture(scope="session")
+def live_server(
+    served_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """`python -m service` with environment configuration only, on a free port."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "service.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env |= {
+        f"{ENV_PREFIX}MODELS_DIR": str(served_models_dir),
+        f"{ENV_PREFIX}HOST": "127.0.0.1",
+        f"{ENV_PREFIX}PORT": str(port),
+        f"{ENV_PREFIX}PREPROCESS_THREADS": "2",
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=out, stderr=out
+        )
+    try:
+        _wait_ready(process, port, log)
+        yield LiveServer(port=port, models_dir=served_models_dir, log=log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -3,15 +3,18 @@ pyproject.toml (one source of dependencies) and service/settings.py (env configu
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, ParsedDockerfile, parse_dockerfile, venv_tool
+from conftest import REPO, LiveServer, ParsedDockerfile, parse_dockerfile, venv_tool
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -306,6 +309,26 @@ def test_runtime_stage_contract(
     (healthcheck,) = stage.instructions("HEALTHCHECK")
     assert healthcheck.value[:3] == ("CMD", "python", "-c")
     assert "/readyz" in healthcheck.value[3]
+
+
+@pytest.mark.parametrize("target", RUNTIME_TARGETS)
+def test_the_healthcheck_probes_readiness_of_a_live_server(
+    target: str, parsed_dockerfile: ParsedDockerfile, live_server: LiveServer
+) -> None:
+    # The image's HEALTHCHECK command, run as Docker runs it (only the interpreter differs).
+    (healthcheck,) = parsed_dockerfile.stages[target].instructions("HEALTHCHECK")
+    command = [sys.executable, *healthcheck.value[2:]]
+
+    def probe(port: int) -> int:
+        env = {"RESNET_SERVE_PORT": str(port), "PATH": os.environ.get("PATH", "")}
+        return subprocess.run(
+            command, env=env, capture_output=True, timeout=30, check=False
+        ).returncode
+
+    assert probe(live_server.port) == 0
+    with socket.socket() as unused:  # bound, not listening: connection refused
+        unused.bind(("127.0.0.1", 0))
+        assert probe(unused.getsockname()[1]) == 1
 
 
 def test_the_parser_sees_every_stage() -> None:

@@ -1,0 +1,163 @@
+"""The README cannot rot: its curl examples run against a live server, its settings table
+matches service/settings.py.
+
+Rule for README authors: every ```bash block that contains `curl` is one runnable example
+against http://localhost:8000, run from the repository root. It may hold one curl call
+plus commands that read what curl wrote. A `# -> NNN` line sets the expected HTTP status
+(default 200). Commands that need Docker or a cluster go in blocks without curl.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import REPO, LiveServer
+from readme_tables import settings_table, splice
+
+README = REPO / "README.md"
+_FENCE = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# curl reports each response's status and type on stderr; stdout stays the body.
+_CURL_WRAPPER = (
+    "curl() { command curl --write-out '%{stderr}HTTP %{http_code} %{content_type}\\n' \"$@\"; }\n"
+)
+_PROMETHEUS_SAMPLE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? [-+0-9.eEnaINF]+$")
+
+
+@dataclass(frozen=True)
+class Example:
+    line: int
+    script: str
+
+    @property
+    def expected_status(self) -> int:
+        match = re.search(r"^# -> (\d{3})\b", self.script, re.MULTILINE)
+        return int(match.group(1)) if match else 200
+
+    @property
+    def images(self) -> int:
+        return len(re.findall(r"@tests/\S+", self.script))
+
+    @property
+    def output_file(self) -> str | None:
+        match = re.search(r"\s-o (\S+)", self.script)
+        return match.group(1) if match else None
+
+
+def readme_examples() -> list[Example]:
+    text = README.read_text()
+    return [
+        Example(line=text.count("\n", 0, m.start()) + 1, script=m.group(1))
+        for m in _FENCE.finditer(text)
+        if re.search(r"\bcurl\b", m.group(1))
+    ]
+
+
+EXAMPLES = readme_examples()
+
+
+def test_the_readme_starts_with_the_two_commands() -> None:
+    first_block = _FENCE.search(README.read_text())
+    assert first_block is not None
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
+    assert commands == ["make serve", "make test"]
+
+
+def test_the_examples_cover_the_api() -> None:
+    scripts = [e.script for e in EXAMPLES]
+    predict = [s for s in scripts if "/predict" in s and "# -> " not in s]
+    embed = [s for s in scripts if "/embed" in s]
+    assert any("--data-binary @" in s for s in predict), "/predict with a raw body"
+    assert any("-F file=@" in s for s in predict), "/predict with multipart files"
+    assert any("application/x-npy" not in s for s in embed), "/embed as JSON"
+    assert any("application/x-npy" in s for s in embed), "/embed as .npy"
+    assert all("localhost:8000" in s for s in scripts)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stands in for the repository root, so examples that write files leave it clean."""
+    root = tmp_path_factory.mktemp("readme")
+    (root / "tests").symlink_to(REPO / "tests")
+    (root / "models").symlink_to(REPO / "models")
+    venv = REPO / ".venv"
+    (root / ".venv").symlink_to(venv if venv.exists() else Path(sys.prefix))
+    return root
+
+
+def _check_json(example: Example, status: int, body: dict[str, Any]) -> None:
+    if status != 200:
+        assert set(body) == {"error"}
+        assert isinstance(body["error"]["code"], str) and body["error"]["message"]
+        return
+    script = example.script
+    if "/models" in script:
+        assert [m["name"] for m in body["models"]] == ["cifar10-resnet20"]
+        return
+    assert body["model"] == "cifar10-resnet20" and body["version"] == 1
+    assert len(body["results"]) == example.images
+    if "/predict" in script:
+        top_k_match = re.search(r"top_k=(\d+)", script)
+        top_k = int(top_k_match.group(1)) if top_k_match else 5
+        for result in body["results"]:
+            scores = [p["score"] for p in result["predictions"]]
+            assert len(scores) == top_k
+            assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
+            assert all(isinstance(p["label"], str) for p in result["predictions"])
+    else:
+        for result in body["results"]:
+            vector = np.asarray(result["embedding"])
+            assert vector.shape == (body["dim"],)
+            if "normalize=true" in script:
+                assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[f"README.md:{e.line}" for e in EXAMPLES])
+def test_readme_example_runs_as_written(
+    example: Example, live_server: LiveServer, workdir: Path
+) -> None:
+    script = example.script.replace("localhost:8000", f"localhost:{live_server.port}")
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", _CURL_WRAPPER + script],
+        cwd=workdir,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    responses = re.findall(r"^HTTP (\d{3}) (.*)$", stderr, re.MULTILINE)
+    assert len(responses) == 1, stderr
+    status, content_type = int(responses[0][0]), responses[0][1]
+    assert status == example.expected_status, result.stdout.decode()
+
+    body = (workdir / example.output_file).read_bytes() if example.output_file else result.stdout
+    if content_type.startswith("application/json"):
+        _check_json(example, status, json.loads(body))
+    elif content_type == "application/x-npy":
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+        assert array.dtype == np.float32 and array.shape[0] == example.images
+        # The README shows what its own follow-up command prints.
+        assert result.stdout.decode().strip() == str(array.shape)
+        assert f"# {array.shape}" in example.script
+    elif content_type.startswith("text/plain"):  # Prometheus exposition, through grep
+        lines = result.stdout.decode().splitlines()
+        assert lines and all(_PROMETHEUS_SAMPLE.match(line) for line in lines), lines
+    else:
+        pytest.fail(f"unexpected Content-Type {content_type!r}")
+
+
+def test_the_settings_table_matches_the_settings() -> None:
+    text = README.read_text()
+    assert splice(text, settings_table()) == text, (
+        "README.md's settings table is out of date: run python tests/deploy/readme_tables.py"
+    )
+    assert "| `--max-batch-size` | `RESNET_SERVE_MAX_BATCH_SIZE` | `32` |" in text
