@@ -14,8 +14,8 @@
 # /models are replaced by mounting a directory there.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# The CUDA major version must match the one onnxruntime-gpu was built for (13 for the
-# 1.2x/1.3x wheels on PyPI); the gpu-build stage fails with a clear message if not.
+# Its CUDA major version must match the one onnxruntime-gpu was built for (CUDA 13 and
+# cuDNN 9 for onnxruntime-gpu 1.31 on PyPI); the gpu-build stage fails clearly if not.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 # Where /models comes from: "repo" (models/ as committed) or "export" (models/ plus the
 # torchvision exports named in EXPORT_TORCHVISION). BuildKit builds only the stage used,
