@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import DEPLOY, REPO, ParsedDockerfile
+from deployfiles import DEPLOY, REPO, ParsedDockerfile
 
 from service.settings import Settings
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, LiveServer, ParsedDockerfile, parse_dockerfile, venv_tool
+from deployfiles import REPO, LiveServer, ParsedDockerfile, parse_dockerfile, venv_tool
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

@@ -7,7 +7,7 @@ import subprocess
 from functools import cache
 
 import pytest
-from conftest import REPO, ParsedDockerfile
+from deployfiles import REPO, ParsedDockerfile
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:

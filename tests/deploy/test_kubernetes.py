@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
-from conftest import DEPLOY, ParsedDockerfile, load_yaml_documents
+from deployfiles import DEPLOY, ParsedDockerfile, load_yaml_documents
 from kubernetes_validate import utils as kv_utils
 from referencing import Registry, Resource
 

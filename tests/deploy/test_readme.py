@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import REPO, LiveServer
+from deployfiles import REPO, LiveServer
 from readme_tables import settings_table, splice
 
 README = REPO / "README.md"
