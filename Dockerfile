@@ -128,12 +128,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && /opt/venv/bin/pip uninstall -y onnxruntime \
     && /opt/venv/bin/pip install --no-deps --force-reinstall "onnxruntime-gpu==${ort_version}"
 # Fail here, not at the first request, if CUDA_IMAGE lacks a library the CUDA provider
-# links (libcuda.so.1 is the driver's, mounted by the NVIDIA container toolkit at run time).
+# links (libcuda.so.1 is the driver's, mounted by the NVIDIA container toolkit at run time)
+# or the cuDNN 9 it loads at session creation.
 RUN missing="$(ldd /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so \
         | grep 'not found' | grep -v 'libcuda\.so\.1' || true)"; \
-    if [ -n "$missing" ]; then \
+    cudnn="$(ldconfig -p | grep 'libcudnn\.so\.9' || true)"; \
+    if [ -n "$missing" ] || [ -z "$cudnn" ]; then \
         echo "onnxruntime-gpu needs CUDA libraries that CUDA_IMAGE lacks:" >&2; \
-        echo "$missing" >&2; \
+        echo "${missing:-libcudnn.so.9 (use a -cudnn-runtime tag)}" >&2; \
         exit 1; \
     fi
 
