@@ -98,7 +98,7 @@ def export_model(
     )  # fmt: skip
     num_classes, dim = _probe(model, pre.crop)
     if names is None:
-        names = source.labels
+        names = source.defaults.labels
     if names is None:
         log.warning("no labels given: naming the %d classes class_0.. (use --labels)", num_classes)
         names = tuple(f"class_{i}" for i in range(num_classes))
@@ -115,7 +115,7 @@ def export_model(
         provenance=Provenance(
             arch=arch,
             source=source.kind,
-            weights=source.weights or (ckpt.path.name if ckpt else None),
+            weights=source.defaults.weights or (ckpt.path.name if ckpt else None),
             checkpoint_sha256=ckpt.sha256 if ckpt else None,
             trained=weights is not None or ckpt is not None,
             opset=onnx_export.graph_opset(proto),
@@ -197,9 +197,10 @@ def _preprocessing(
     A new crop size without a resize keeps the source's resize/crop ratio (256/224 for
     ImageNet models, 1 for CIFAR ones).
     """
-    crop = input_size or (ckpt.input_size if ckpt else None) or source.crop
+    d = source.defaults
+    crop = input_size or (ckpt.input_size if ckpt else None) or d.crop
     if resize is None:
-        resize = source.resize if crop == source.crop else round(crop * source.resize / source.crop)
+        resize = d.resize if crop == d.crop else round(crop * d.resize / d.crop)
     if resize < crop:
         raise ExportError(f"--resize {resize} is smaller than the input size {crop}")
     for flag, values in (("--mean", mean), ("--std", std)):
@@ -210,9 +211,9 @@ def _preprocessing(
     return Preprocessing(
         resize=resize,
         crop=crop,
-        mean=_triple(mean) or (ckpt.mean if ckpt else None) or source.mean,
-        std=_triple(std) or (ckpt.std if ckpt else None) or source.std,
-        interpolation=interpolation or source.interpolation,
+        mean=_triple(mean) or (ckpt.mean if ckpt else None) or d.mean,
+        std=_triple(std) or (ckpt.std if ckpt else None) or d.std,
+        interpolation=interpolation or d.interpolation,
         channel_order=channel_order,
     )
 

@@ -13,15 +13,18 @@ import logging
 import sys
 import urllib.error
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
 from export import cifar_resnet
 from export.errors import ExportError
 from export.labels import CIFAR10_CLASSES, imagenet_classes
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +47,10 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 Kind = Literal["torchvision", "cifar", "custom"]
 
 
-@dataclass
-class Source:
-    """A freshly built model and the defaults its source implies."""
+@dataclass(frozen=True)
+class Defaults:
+    """Labels and preprocessing a source implies, before flags or checkpoints override them."""
 
-    model: nn.Module
-    kind: Kind
-    arch: str
     labels: tuple[str, ...] | None
     resize: int
     crop: int
@@ -59,6 +59,24 @@ class Source:
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     weights: str | None = None
     """torchvision weights name when pretrained weights were loaded (no checkpoint)."""
+
+
+IMAGENET_DEFAULTS = Defaults(
+    labels=None, resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD
+)
+CIFAR_DEFAULTS = Defaults(
+    labels=CIFAR10_CLASSES, resize=32, crop=32, mean=CIFAR10_MEAN, std=CIFAR10_STD
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A freshly built model (eval mode) and the defaults its source implies."""
+
+    model: nn.Module
+    kind: Kind
+    arch: str
+    defaults: Defaults
 
 
 def kind_of(arch: str) -> Kind:
@@ -93,41 +111,53 @@ def build(
         return _torchvision(arch, weights=weights, num_classes=num_classes)
     if kind == "cifar":
         model = cifar_resnet.build(arch, num_classes=num_classes or len(CIFAR10_CLASSES))
-        return Source(
-            model=model.eval(),
-            kind="cifar",
-            arch=arch,
-            labels=CIFAR10_CLASSES,
-            resize=32,
-            crop=32,
-            mean=CIFAR10_MEAN,
-            std=CIFAR10_STD,
-        )
+        return Source(model.eval(), "cifar", arch, CIFAR_DEFAULTS)
     return _custom(arch, num_classes=num_classes, code_path=code_path)
 
 
-def _torchvision(arch: str, *, weights: str | None, num_classes: int | None) -> Source:
-    from torchvision.models import get_model_builder, get_model_weights
+def torchvision_defaults(arch: str, weights: str | None) -> Defaults:
+    """What torchvision's weights say about labels and preprocessing; no download needed.
+
+    ``weights=None`` (random weights) gets ImageNet's usual 256/224 and its class names.
+    """
+    if weights is None:
+        return replace(IMAGENET_DEFAULTS, labels=imagenet_classes())
+    chosen = resolve_weights(arch, weights)
+    transforms = chosen.transforms()
+    return Defaults(
+        labels=tuple(chosen.meta["categories"]),
+        resize=int(transforms.resize_size[0]),
+        crop=int(transforms.crop_size[0]),
+        mean=_triple(transforms.mean),
+        std=_triple(transforms.std),
+        interpolation=transforms.interpolation.value,
+        weights=chosen.name,
+    )
+
+
+def resolve_weights(arch: str, weights: str) -> WeightsEnum:
+    """``IMAGENET1K_V2``, ``DEFAULT`` or ``ResNet50_Weights.IMAGENET1K_V2`` -> the enum member."""
+    from torchvision.models import get_model_weights
 
     enum = get_model_weights(arch)
-    if weights is None:
-        model = get_model_builder(arch)(weights=None, num_classes=num_classes or 1000)
-        return Source(
-            model=model.eval(),
-            kind="torchvision",
-            arch=arch,
-            labels=imagenet_classes() if num_classes in (None, 1000) else None,
-            resize=256,
-            crop=224,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-        )
-    name = weights.rpartition(".")[2].upper()  # also accepts ResNet50_Weights.IMAGENET1K_V2
+    name = weights.rpartition(".")[2].upper()
     try:
-        chosen = enum.DEFAULT if name == "DEFAULT" else enum[name]
+        return enum.DEFAULT if name == "DEFAULT" else enum[name]
     except KeyError:
         names = ", ".join(["DEFAULT", *(w.name for w in enum)])
         raise ExportError(f"{arch} has no weights {weights!r}; known: {names}, none") from None
+
+
+def _torchvision(arch: str, *, weights: str | None, num_classes: int | None) -> Source:
+    from torchvision.models import get_model_builder
+
+    defaults = torchvision_defaults(arch, weights)
+    if weights is None:
+        model = get_model_builder(arch)(weights=None, num_classes=num_classes or 1000)
+        if num_classes not in (None, 1000):
+            defaults = replace(defaults, labels=None)
+        return Source(model.eval(), "torchvision", arch, defaults)
+    chosen = resolve_weights(arch, weights)
     if num_classes not in (None, len(chosen.meta["categories"])):
         raise ExportError(f"--weights {chosen.name} has 1000 classes, not {num_classes}")
     log.info("fetching torchvision weights %s.%s (cached under $TORCH_HOME)", arch, chosen.name)
@@ -140,19 +170,7 @@ def _torchvision(arch: str, *, weights: str | None, num_classes: int | None) -> 
             "this machine looks offline: download the file elsewhere and pass it with "
             "--checkpoint, or use --weights none"
         ) from exc
-    transforms = chosen.transforms()
-    return Source(
-        model=model.eval(),
-        kind="torchvision",
-        arch=arch,
-        labels=tuple(chosen.meta["categories"]),
-        resize=int(transforms.resize_size[0]),
-        crop=int(transforms.crop_size[0]),
-        mean=_triple(transforms.mean),
-        std=_triple(transforms.std),
-        interpolation=transforms.interpolation.value,
-        weights=chosen.name,
-    )
+    return Source(model.eval(), "torchvision", arch, defaults)
 
 
 def _custom(arch: str, *, num_classes: int | None, code_path: Path | None) -> Source:
@@ -166,16 +184,7 @@ def _custom(arch: str, *, num_classes: int | None, code_path: Path | None) -> So
         raise ExportError(f"{arch}({_show(kwargs)}) failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ExportError(f"{arch}() returned a {type(model).__name__}, not a torch.nn.Module")
-    return Source(
-        model=model.eval(),
-        kind="custom",
-        arch=arch,
-        labels=None,
-        resize=256,
-        crop=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    )
+    return Source(model.eval(), "custom", arch, IMAGENET_DEFAULTS)
 
 
 def load_factory(spec: str, *, code_path: Path | None = None) -> Callable[..., Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +59,15 @@ def load(path: Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:
+            detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(exc))
+            reason = detail.group(1).strip() if detail else type(exc).__name__
+            raise ExportError(f"checkpoint {path} is not a readable torch file ({reason})") from exc
         raise ExportError(
-            f"checkpoint {path} cannot be loaded with weights_only=True ({first}); "
-            "re-save it as tensors only, e.g. torch.save(model.state_dict(), path)"
+            f"checkpoint {path} cannot be loaded with weights_only=True: it pickles "
+            f"{found.group(1)}, and loading it would run code; re-save the tensors only, "
+            "e.g. torch.save(model.state_dict(), path)"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise ExportError(f"checkpoint {path} is not a readable torch file: {exc}") from exc

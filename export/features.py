@@ -23,11 +23,13 @@ class _Tap(nn.Module):
         super().__init__()
         self.inner = inner
         self.side = side
-        self.seen: Tensor | None = None
+        # A list, not a tensor attribute: torch.export warns about (and may one day reject)
+        # tensors assigned to module attributes during tracing.
+        self.seen: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.inner(x)
-        self.seen = torch.flatten(x if self.side == "input" else out, 1)
+        self.seen.append(torch.flatten(x if self.side == "input" else out, 1))
         return out
 
 
@@ -55,11 +57,14 @@ class WithEmbedding(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self.tap.seen = None
+        self.tap.seen.clear()
         logits = self.model(x)
-        embedding = self.tap.seen
-        if embedding is None:
-            raise ExportError(f"layer {self.layer!r} was not called by the model's forward()")
+        if len(self.tap.seen) != 1:
+            raise ExportError(
+                f"layer {self.layer!r} ran {len(self.tap.seen)} times in one forward(); "
+                "the embedding layer must run exactly once (name another with --embedding-layer)"
+            )
+        embedding = self.tap.seen.pop()
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             got = f"shape {list(logits.shape)}" if isinstance(logits, Tensor) else type(logits)
             raise ExportError(f"forward() must return one [N, classes] tensor, got {got}")
