@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from export import builders, cifar_resnet, onnx_export, verify
+from export import builders, onnx_export, verify
 from export.api import export_model
 from export.errors import ExportError
 
@@ -20,8 +20,8 @@ export fails if they differ beyond a float32 tolerance.
 
 architectures:
   torchvision   {tv}
-  CIFAR         {cifar}
-                (cifar-resnet<6n+2>[-b]: v1, option A or B shortcuts; cifar-preact-resnet<9n+2>: v2)
+  CIFAR         cifar-resnet<6n+2> (v1, option A shortcuts; 20, 32, 44, 56, 110),
+                cifar-resnet<6n+2>-b (v1, option B), cifar-preact-resnet<9n+2> (v2; 56, 110, 164)
   your own      package.module:function  (importable from . or --code-path; called with
                 num_classes=len(labels) if it takes that argument)
 """
@@ -38,15 +38,14 @@ examples:
 checkpoints: a state_dict, or a dict holding one under state_dict / model / model_state_dict
 (keys may carry a `module.` prefix); read with torch.load(weights_only=True). This project's
 training checkpoints (python -m export.train) also supply labels, mean, std and input size.
+Exit status 0 on success; 1 with a one-line `error: ...` on stderr otherwise.
 """
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m export",
-        description=DESCRIPTION.format(
-            tv=", ".join(builders.TORCHVISION_ARCHS), cifar=", ".join(cifar_resnet.CIFAR_ARCHS)
-        ),
+        description=DESCRIPTION.format(tv=", ".join(builders.TORCHVISION_ARCHS)),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -74,13 +73,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ONNX opset (default: %(default)s)",
     )
     card = p.add_argument_group("model card (default: from the weights or checkpoint)")
-    card.add_argument("--labels", type=Path, help="text file, one class name per line")
-    card.add_argument("--input-size", type=int, help="side of the square model input (crop)")
-    card.add_argument("--resize", type=int, help="shorter side before the center crop")
-    card.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
-    card.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
-    card.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"))
-    card.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
+    card.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FILE",
+        help="text file, one class name per line, in output order",
+    )
+    card.add_argument(
+        "--input-size",
+        type=int,
+        metavar="PX",
+        help="side of the square model input, i.e. the center crop (ImageNet 224, CIFAR 32)",
+    )
+    card.add_argument(
+        "--resize",
+        type=int,
+        metavar="PX",
+        help="shorter side before the crop (default: keeps the source's "
+        "resize/crop ratio, 256/224 or 1)",
+    )
+    card.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        help="per-channel mean on the 0..1 scale",
+    )
+    card.add_argument(
+        "--std",
+        type=float,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        help="per-channel standard deviation on the 0..1 scale",
+    )
+    card.add_argument(
+        "--interpolation",
+        choices=("bilinear", "bicubic", "nearest"),
+        help="resize filter (default: bilinear)",
+    )
+    card.add_argument(
+        "--channel-order",
+        choices=("RGB", "BGR"),
+        default="RGB",
+        help="channel order the model expects (default: RGB)",
+    )
     card.add_argument(
         "--embedding-layer",
         help="layer whose output is the embedding (default: input of the last nn.Linear)",

@@ -41,13 +41,13 @@ class ExportResult:
 def export_model(
     arch: str,
     *,
-    out: Path,
+    out: Path | str,
     name: str,
     version: int | None = None,
     weights: str | None = None,
-    checkpoint_path: Path | None = None,
-    code_path: Path | None = None,
-    labels: Path | Sequence[str] | None = None,
+    checkpoint_path: Path | str | None = None,
+    code_path: Path | str | None = None,
+    labels: Path | str | Sequence[str] | None = None,
     input_size: int | None = None,
     resize: int | None = None,
     mean: Sequence[float] | None = None,
@@ -55,7 +55,7 @@ def export_model(
     interpolation: Interpolation | None = None,
     channel_order: Literal["RGB", "BGR"] = "RGB",
     embedding_layer: str | None = None,
-    verify_images: Path | None = None,
+    verify_images: Path | str | None = None,
     batch_sizes: tuple[int, ...] = verify.BATCH_SIZES,
     tolerance: float = verify.TOLERANCE,
     opset: int = onnx_export.DEFAULT_OPSET,
@@ -70,6 +70,10 @@ def export_model(
     defaults, and any argument given here overrides them. Raises :class:`ExportError`.
     """
     started = time.perf_counter()
+    out = Path(out)
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    code_path = Path(code_path) if code_path is not None else None
+    verify_images = Path(verify_images) if verify_images is not None else None
     if weights is not None and weights.lower() == "none":
         weights = None
     if weights is not None and checkpoint_path is not None:
@@ -165,11 +169,12 @@ def _target(out: Path, name: str, version: int | None, *, overwrite: bool) -> tu
     return target, version
 
 
-def _labels(labels: Path | Sequence[str] | None) -> tuple[str, ...] | None:
+def _labels(labels: Path | str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """A labels file (path) or the class names themselves."""
     if labels is None:
         return None
-    if isinstance(labels, Path):
-        return read_labels(labels)
+    if isinstance(labels, (Path, str)):
+        return read_labels(Path(labels))
     if not labels:
         raise ExportError("labels must not be empty")
     return tuple(labels)

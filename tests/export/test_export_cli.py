@@ -26,7 +26,8 @@ def test_help_shows_the_three_sources(capsys: pytest.CaptureFixture[str]) -> Non
     assert "python -m export resnet50 --weights none --out models --name resnet50" in out
     assert "--checkpoint runs/r20/best.pt --out models --name cifar10-resnet20" in out
     assert "python -m export my_models.resnet:resnet20 --checkpoint r20.th" in out
-    assert "cifar-preact-resnet164" in out and "wide_resnet50_2" in out
+    assert "cifar-preact-resnet<9n+2>" in out and "wide_resnet50_2" in out
+    assert "Exit status 0 on success; 1 with a one-line `error: ...`" in out
 
 
 def test_user_module_export(
