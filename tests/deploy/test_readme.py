@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from deployfiles import REPO, LiveServer
+from prometheus_client.parser import text_string_to_metric_families
 from readme_tables import settings_table, splice
 
 README = REPO / "README.md"
@@ -29,7 +30,6 @@ _FENCE = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _CURL_WRAPPER = (
     "curl() { command curl --write-out '%{stderr}HTTP %{http_code} %{content_type}\\n' \"$@\"; }\n"
 )
-_PROMETHEUS_SAMPLE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? [-+0-9.eEnaINF]+$")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,10 @@ def _check_json(example: Example, status: int, body: dict[str, Any]) -> None:
         assert isinstance(body["error"]["code"], str) and body["error"]["message"]
         return
     script = example.script
+    if "/models/cifar10-resnet20" in script:
+        assert body["name"] == "cifar10-resnet20"
+        assert len(body["labels"]) == 10 and "cat" in body["labels"]
+        return
     if "/models" in script:
         assert [m["name"] for m in body["models"]] == ["cifar10-resnet20"]
         return
@@ -149,8 +153,10 @@ def test_readme_example_runs_as_written(
         assert result.stdout.decode().strip() == str(array.shape)
         assert f"# {array.shape}" in example.script
     elif content_type.startswith("text/plain"):  # Prometheus exposition, through grep
-        lines = result.stdout.decode().splitlines()
-        assert lines and all(_PROMETHEUS_SAMPLE.match(line) for line in lines), lines
+        families = list(text_string_to_metric_families(result.stdout.decode()))
+        samples = [sample for family in families for sample in family.samples]
+        assert samples and {s.name for s in samples} == {"resnet_serve_requests_total"}
+        assert {"route", "status", "model"} <= set(samples[0].labels)
     else:
         pytest.fail(f"unexpected Content-Type {content_type!r}")
 
