@@ -16,8 +16,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PREFIX = "resnet_serve"
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -31,38 +45,59 @@ class Metrics:
             f"{PREFIX}_requests", "HTTP requests", ["route", "model", "status"], registry=r
         )
         self.errors = Counter(
-            f"{PREFIX}_errors", "Error responses by error code", ["route", "model", "code"],
+            f"{PREFIX}_errors",
+            "Error responses by error code",
+            ["route", "model", "code"],
             registry=r,
-        )  # fmt: skip
+        )
         self.latency = Histogram(
-            f"{PREFIX}_request_duration_seconds", "Time from request to response",
-            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            f"{PREFIX}_request_duration_seconds",
+            "Time from request to response",
+            ["route", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.images = Counter(f"{PREFIX}_images", "Images accepted", ["model"], registry=r)
         self.preprocess = Histogram(
-            f"{PREFIX}_preprocess_seconds", "Decode and preprocess time per request",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue_wait = Histogram(
-            f"{PREFIX}_queue_wait_seconds", "Time an image waited for its batch to start",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.inference = Histogram(
-            f"{PREFIX}_inference_seconds", "Engine time per batch",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            f"{PREFIX}_batch_size", "Images per engine run (the batches actually formed)",
-            ["model", "version"], buckets=BATCH_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue_depth = Gauge(
-            f"{PREFIX}_queue_depth", "Images waiting for a batch", ["model", "version"],
+            f"{PREFIX}_preprocess_seconds",
+            "Decode and preprocess time per request",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Time an image waited for its batch to start",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            f"{PREFIX}_inference_seconds",
+            "Engine time per batch",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "Images per engine run (the batches actually formed)",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth",
+            "Images waiting for a batch",
+            ["model", "version"],
+            registry=r,
+        )
         self.model_ready = Gauge(
-            f"{PREFIX}_model_ready", "1 when the model version is loaded and warm",
-            ["model", "version"], registry=r,
-        )  # fmt: skip
+            f"{PREFIX}_model_ready",
+            "1 when the model version is loaded and warm",
+            ["model", "version"],
+            registry=r,
+        )
 
     def batch_observer(self, model: str, version: int) -> BatchMetrics:
         """The batcher's view of the metrics for one model version."""

@@ -28,7 +28,10 @@ PROVIDER_ALIASES = {
 class Settings(BaseSettings):
     """Configuration of one service process."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+    # Empty variables count as unset (compose and Kubernetes often pass NAME= through).
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="forbid"
+    )
 
     host: str = Field(default="0.0.0.0", description="Interface to listen on.")
     port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")

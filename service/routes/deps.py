@@ -23,7 +23,8 @@ class AppContext:
     preprocess_pool: ThreadPoolExecutor
 
 
-def get_context(request: Request) -> AppContext:
+async def get_context(request: Request) -> AppContext:
+    # async: FastAPI would run a plain function in a worker thread, a thread hop per request.
     context: AppContext = request.app.state.context
     return context
 

@@ -1,0 +1,222 @@
+"""``python -m service.bench``: HTTP throughput and latency against the in-process ceiling.
+
+In one run, on the same images and with the same settings (threads, batch size limit):
+
+1. in-process ceiling: decode + preprocess (the service's thread pool size) + one ONNX
+   Runtime run per batch, at each batch size; the best images/s, and the batch-1 latency;
+2. a lone client (one request at a time): HTTP p50 latency against in-process batch 1;
+3. ``--concurrency`` closed-loop clients for ``--duration`` seconds: images/s, p50/p95/p99
+   latency and errors, and the ratio to the in-process ceiling.
+
+It starts its own server (``python -m service``, settings from the same RESNET_SERVE_*
+environment) unless ``--url`` points at a running one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.engine import Engine, ThreadSettings
+from service.loadgen import LoadResult, build_requests, run_load
+from service.preprocess import Preprocessor
+from service.repository import scan
+from service.settings import Settings, load_settings
+
+DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-train.tar.gz"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--models", type=Path, default=None, help="model repository [settings]")
+    p.add_argument("--model", default=None, help="model name (default: the first)")
+    p.add_argument("--url", default=None, help="benchmark this server instead of starting one")
+    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder or .tar(.gz)")
+    p.add_argument("--count", type=int, default=64, help="images to cycle through")
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured under load")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load not measured")
+    p.add_argument("--lone-seconds", type=float, default=3.0, help="seconds of lone requests")
+    p.add_argument("--inprocess-seconds", type=float, default=1.5, help="seconds per batch size")
+    p.add_argument("--client-processes", type=int, default=1, help="load generator processes")
+    return p.parse_args(argv)
+
+
+def load_images(path: Path, count: int) -> list[bytes]:
+    """Up to ``count`` image files from a folder (recursively) or a tar archive."""
+    images: list[bytes] = []
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            if file.suffix.lower() in IMAGE_SUFFIXES and len(images) < count:
+                images.append(file.read_bytes())
+    else:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                data = tar.extractfile(member) if member.isfile() else None
+                if data is not None and member.name.lower().endswith(IMAGE_SUFFIXES):
+                    images.append(data.read())
+                    if len(images) == count:
+                        break
+    if not images:
+        raise SystemExit(f"no images found in {path}")
+    return images
+
+
+def percentiles_ms(values: list[float]) -> tuple[float, float, float]:
+    if not values:
+        return (float("nan"),) * 3
+    p50, p95, p99 = np.percentile(np.asarray(values) * 1000.0, [50, 95, 99])
+    return float(p50), float(p95), float(p99)
+
+
+def in_process(
+    model: Path, images: list[bytes], settings: Settings, seconds: float
+) -> tuple[dict[int, float], float]:
+    """(images/s per batch size, batch-1 p50 latency in ms), the service's code and threads."""
+    threads = ThreadSettings(
+        settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning
+    )
+    engine = Engine(model, providers=settings.providers, threads=threads)
+    pre = Preprocessor(
+        engine.card.preprocessing, max_pixels=settings.max_image_pixels, draft=settings.jpeg_draft
+    )
+    sizes = [1]
+    while sizes[-1] * 2 <= settings.max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    engine.warm_up(sizes)
+    rates = {}
+    with ThreadPoolExecutor(settings.effective_preprocess_threads()) as pool:
+        for size in sizes:
+            done, index, start = 0, 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                chunk = [images[(index + i) % len(images)] for i in range(size)]
+                index += size
+                engine.run(np.stack(list(pool.map(pre, chunk))))
+                done += size
+            rates[size] = done / (time.perf_counter() - start)
+    latencies: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        began = time.perf_counter()
+        engine.run(pre(images[len(latencies) % len(images)])[None])
+        latencies.append(time.perf_counter() - began)
+    return rates, percentiles_ms(latencies)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(models: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = [sys.executable, "-m", "service", "--models", str(models), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with status {server.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2):
+                return server, url
+        except OSError:
+            time.sleep(0.2)
+    server.terminate()
+    raise SystemExit("the server did not become ready within 10 minutes")
+
+
+def batch_stats(url: str, model: str) -> tuple[float, float]:
+    """(batches run, images in them) for ``model`` from the server's /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "resnet_serve_batch_size":
+            for sample in family.samples:
+                if sample.labels.get("model") == model:
+                    if sample.name.endswith("_count"):
+                        count += sample.value
+                    elif sample.name.endswith("_sum"):
+                        total += sample.value
+    return count, total
+
+
+def report(name: str, result: LoadResult) -> str:
+    p50, p95, p99 = percentiles_ms(result.latencies)
+    rate = result.ok / result.seconds if result.seconds else 0.0
+    return (
+        f"{name}: {rate:8.1f} img/s  p50 {p50:7.2f} ms  p95 {p95:7.2f} ms  p99 {p99:7.2f} ms  "
+        f"ok {result.ok}  errors {result.errors}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings(**({"models_dir": args.models} if args.models else {}))
+    entries = scan(settings.models_dir)
+    name = args.model or next(iter(entries), None)
+    if name is None or name not in entries:
+        raise SystemExit(f"model {name!r} not found under {settings.models_dir}")
+    model_path = entries[name].versions[entries[name].latest]
+    images = load_images(args.images, args.count)
+    print(f"model {name} ({model_path}), {len(images)} images from {args.images}")
+    print(
+        f"threads: intra-op {settings.intra_op_threads or 'auto'}, preprocess "
+        f"{settings.effective_preprocess_threads()}, cores {os.cpu_count()}"
+    )
+
+    rates, lone_ms = in_process(model_path, images, settings, args.inprocess_seconds)
+    best = max(rates, key=rates.__getitem__)
+    for size, rate in rates.items():
+        print(f"in-process batch {size:4d}: {rate:8.1f} img/s")
+    print(
+        f"in-process ceiling: {rates[best]:.1f} img/s at batch {best}; batch-1 p50 {lone_ms:.2f} ms"
+    )
+
+    server, url = (None, args.url) if args.url else start_server(settings.models_dir)
+    try:
+        requests = build_requests(url, f"/predict?model={name}", images, "image/jpeg")
+        lone = run_load(url, requests, concurrency=1, duration=args.lone_seconds, warmup=0.5)
+        print(report("HTTP lone request   ", lone))
+        before = batch_stats(url, name)
+        load = run_load(
+            url,
+            requests,
+            concurrency=args.concurrency,
+            duration=args.duration,
+            warmup=args.warmup,
+            processes=args.client_processes,
+        )
+        after = batch_stats(url, name)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+    print(report(f"HTTP concurrency {args.concurrency:3d}", load))
+    batches, batched = after[0] - before[0], after[1] - before[1]
+    if batches:
+        print(f"server batches: {batches:.0f}, mean size {batched / batches:.1f}")
+    ratio = (load.ok / load.seconds) / rates[best]
+    lone_p50 = percentiles_ms(lone.latencies)[0]
+    print(f"ratio HTTP / in-process: {ratio:.2f}")
+    print(f"lone request p50 - in-process batch-1 p50: {lone_p50 - lone_ms:+.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Settings: defaults, environment, flags over environment, and clear validation errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.__main__ import banner, build_parser
+from service.settings import Settings, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("RESNET_SERVE_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    settings = load_settings()
+    assert (settings.host, settings.port, settings.models_dir) == ("0.0.0.0", 8000, Path("models"))
+    assert settings.providers == ("auto",)
+    assert (settings.max_batch_size, settings.max_delay_ms, settings.max_queue_size) == (
+        32,
+        0,
+        1024,
+    )
+    assert settings.default_model is None
+
+
+def test_environment_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVE_PORT", "9001")
+    monkeypatch.setenv("RESNET_SERVE_PROVIDERS", "cuda, cpu")
+    monkeypatch.setenv("RESNET_SERVE_MAX_DELAY_MS", "2.5")
+    monkeypatch.setenv("RESNET_SERVE_ALLOW_SPINNING", "true")
+    monkeypatch.setenv("RESNET_SERVE_DEFAULT_MODEL", "")  # empty: unset, as compose passes it
+    settings = load_settings()
+    assert settings.port == 9001
+    assert settings.providers == ("cuda", "cpu")
+    assert settings.max_delay_ms == 2.5
+    assert settings.allow_spinning is True
+    assert settings.default_model is None
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVE_PORT", "9001")
+    monkeypatch.setenv("RESNET_SERVE_MAX_BATCH_SIZE", "8")
+    args = build_parser().parse_args(["--models", "/srv/models", "--port", "7000"])
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    settings = load_settings(**flags)
+    assert settings.port == 7000
+    assert settings.models_dir == Path("/srv/models")
+    assert settings.max_batch_size == 8  # from the environment, no flag given
+    text = banner(settings, set(flags))
+    assert "port                     7000" in text and "(flag, RESNET_SERVE_PORT)" in text
+    assert "(env, RESNET_SERVE_MAX_BATCH_SIZE)" in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"port": "0"},
+            "port (RESNET_SERVE_PORT) = '0': Input should be greater than or equal to 1",
+        ),
+        ({"max_batch_size": "lots"}, "max_batch_size (RESNET_SERVE_MAX_BATCH_SIZE) = 'lots'"),
+        ({"max_delay_ms": "-1"}, "max_delay_ms (RESNET_SERVE_MAX_DELAY_MS) = '-1'"),
+        ({"providers": "gpu"}, "unknown provider 'gpu'; use 'auto', 'cuda', 'cpu', 'tensorrt'"),
+        ({"providers": "auto,cpu"}, "'auto' cannot be combined with other providers"),
+        ({"log_level": "loud"}, "log_level (RESNET_SERVE_LOG_LEVEL) = 'loud'"),
+    ],
+)
+def test_bad_values_are_named_with_their_variable(overrides: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(**overrides)
+    assert message in str(caught.value)
+
+
+def test_every_setting_has_a_flag_and_a_description() -> None:
+    parser = build_parser()
+    flags = {action.dest for action in parser._actions}
+    for name, field in Settings.model_fields.items():
+        assert name in flags
+        assert field.description, name
+
+
+def test_cli_exits_with_status_2_and_the_message(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--models", str(tmp_path), "--port", "http"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "port (RESNET_SERVE_PORT) = 'http': Input should be a valid integer" in result.stderr
