@@ -142,9 +142,7 @@ class CifarResNet(nn.Module):
                 self.in_planes = planes * expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.final_bn: nn.Module = (
-            nn.BatchNorm2d(self.in_planes) if version == 2 else nn.Identity()
-        )
+        self.final_bn: nn.Module = nn.BatchNorm2d(self.in_planes) if version == 2 else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.embedding_dim = self.in_planes

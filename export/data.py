@@ -39,15 +39,15 @@ class Dataset:
 
 
 def _decode(data: bytes, size: int | None) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+    with Image.open(io.BytesIO(data)) as f:
+        im = f.convert("RGB")
+    if size is not None and im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def _assemble(
-    items: list[tuple[str, bytes]], size: int | None, limit: int | None, desc: str
+    items: list[tuple[str, bytes]], size: int | None, limit: int | None, desc: str, progress: bool
 ) -> Dataset:
     classes = tuple(sorted({c for c, _ in items}))
     if not classes:
@@ -55,7 +55,8 @@ def _assemble(
     if limit is not None:
         items = _take_per_class(items, classes, limit)
     index = {c: i for i, c in enumerate(classes)}
-    images = [_decode(b, size) for _, b in tqdm(items, desc=f"decode {desc}", unit="img")]
+    bar = tqdm(items, desc=f"decode {desc}", unit="img", disable=not progress)
+    images = [_decode(b, size) for _, b in bar]
     shapes = {a.shape for a in images}
     if len(shapes) != 1:
         raise ValueError(f"{desc}: images differ in size {sorted(shapes)[:3]}; pass a size")
@@ -111,7 +112,9 @@ def _from_torchvision(root: Path) -> Dataset:
     )
 
 
-def load(source: str, *, size: int | None = None, limit: int | None = None) -> Dataset:
+def load(
+    source: str, *, size: int | None = None, limit: int | None = None, progress: bool = True
+) -> Dataset:
     """Load a whole data set into memory.
 
     ``size`` resizes every image to ``size`` x ``size`` (None keeps them, which must then
@@ -133,7 +136,7 @@ def load(source: str, *, size: int | None = None, limit: int | None = None) -> D
             f"--data {source!r} is neither an ImageFolder directory, a tar archive of one, "
             "nor torchvision:cifar10"
         )
-    return _assemble(items, size, limit, path.name)
+    return _assemble(items, size, limit, path.name, progress)
 
 
 def stratified_split(

@@ -42,7 +42,14 @@ log = logging.getLogger("export.train")
 
 CHECKPOINT_FORMAT = "resnet-serve-checkpoint/1"
 METRIC_FIELDS = (
-    "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "img_per_s",
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "seconds",
+    "img_per_s",
 )
 
 
@@ -52,25 +59,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--arch", default="cifar-resnet20",
-                   help="cifar-resnet<6n+2>[-b] or cifar-preact-resnet<9n+2> (default: %(default)s)")
-    p.add_argument("--data", required=True,
-                   help="ImageFolder directory, .tar.gz of one, or torchvision:cifar10 (online)")
+    p.add_argument(
+        "--arch",
+        default="cifar-resnet20",
+        help="cifar-resnet<6n+2>[-b] or cifar-preact-resnet<9n+2> (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="ImageFolder directory, .tar.gz of one, or torchvision:cifar10 (online)",
+    )
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.2,
-                   help="peak learning rate (onecycle) or initial one (step) (default: %(default)s)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=0.2,
+        help="peak learning rate (onecycle) or initial one (step) (default: %(default)s)",
+    )
     p.add_argument("--schedule", choices=("onecycle", "step"), default="onecycle")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--val-per-class", type=int, default=500,
-                   help="images of each class held out for validation (default: 500, i.e. 45k/5k)")
+    p.add_argument(
+        "--val-per-class",
+        type=int,
+        default=500,
+        help="images of each class held out for validation (default: 500, i.e. 45k/5k)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None,
-                   help="use only about this many images (smoke runs)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: all cores)")
+    p.add_argument(
+        "--limit", type=int, default=None, help="use only about this many images (smoke runs)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: all cores)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -108,8 +131,13 @@ def make_scheduler(
     total = args.epochs * steps_per_epoch
     if args.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=args.lr, total_steps=total, pct_start=0.2,
-            div_factor=8.0, final_div_factor=200.0, anneal_strategy="cos",
+            opt,
+            max_lr=args.lr,
+            total_steps=total,
+            pct_start=0.2,
+            div_factor=8.0,
+            final_div_factor=200.0,
+            anneal_strategy="cos",
         )
     # The paper's steps at 32k and 48k of 64k iterations, scaled to the run's length.
     milestones = [round(total * 32 / 64), round(total * 48 / 64)]
@@ -117,7 +145,9 @@ def make_scheduler(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: data.Dataset, aug: Augment, batch: int = 1000) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, ds: data.Dataset, aug: Augment, batch: int = 1000
+) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` on ``ds``, unaugmented."""
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -146,8 +176,12 @@ def plot_curve(rows: list[dict[str, Any]], path: Path) -> None:
     ax2.plot(epochs, [100 * r["val_acc"] for r in rows], label="validation")
     ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     best = max(rows, key=lambda r: r["val_acc"])
-    ax2.annotate(f"best {100 * best['val_acc']:.2f}%", (best["epoch"], 100 * best["val_acc"]),
-                 textcoords="offset points", xytext=(-60, -20))
+    ax2.annotate(
+        f"best {100 * best['val_acc']:.2f}%",
+        (best["epoch"], 100 * best["val_acc"]),
+        textcoords="offset points",
+        xytext=(-60, -20),
+    )
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -174,19 +208,25 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    ds = data.load(args.data, size=32, limit=args.limit)
+    ds = data.load(args.data, size=32, limit=args.limit, progress=not args.no_progress)
     train_idx, val_idx = data.stratified_split(ds.targets, args.val_per_class, seed=args.seed)
     train_ds, val_ds = ds.subset(train_idx), ds.subset(val_idx)
     mean, std = data.channel_stats(train_ds.images)
-    log.info("data: %d train / %d validation images, %d classes; mean %s std %s",
-             len(train_ds), len(val_ds), len(ds.classes),
-             [round(m, 4) for m in mean], [round(s, 4) for s in std])
+    log.info(
+        "data: %d train / %d validation images, %d classes; mean %s std %s",
+        len(train_ds),
+        len(val_ds),
+        len(ds.classes),
+        [round(m, 4) for m in mean],
+        [round(s, 4) for s in std],
+    )
 
     torch.manual_seed(args.seed)
     model = cifar_resnet.build(args.arch, num_classes=len(ds.classes))
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
     steps_per_epoch = math.ceil(len(train_ds) / args.batch_size)
     sched = make_scheduler(opt, args, steps_per_epoch)
     aug = Augment(mean, std)
@@ -209,8 +249,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         log.info("resumed from %s after epoch %d", last_path, state["epoch"])
 
     common = {
-        "format": CHECKPOINT_FORMAT, "arch": args.arch, "num_classes": len(ds.classes),
-        "classes": list(ds.classes), "mean": mean, "std": std, "input_size": 32,
+        "format": CHECKPOINT_FORMAT,
+        "arch": args.arch,
+        "num_classes": len(ds.classes),
+        "classes": list(ds.classes),
+        "mean": mean,
+        "std": std,
+        "input_size": 32,
     }
     for epoch in range(start_epoch, args.epochs + 1):
         # A generator per epoch: the order and augmentation of epoch e do not depend on
@@ -220,8 +265,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model.train()
         t0 = time.perf_counter()
         seen, loss_sum, correct = 0, 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", unit="batch",
-                   disable=args.no_progress, leave=False, file=sys.stderr)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch}/{args.epochs}",
+            unit="batch",
+            disable=args.no_progress,
+            leave=False,
+            file=sys.stderr,
+        )
         for step in bar:
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
             x, y = aug(train_ds.images[idx], g), train_ds.targets[idx]
@@ -235,33 +286,57 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             if step % 10 == 0 or step == steps_per_epoch - 1:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}",
+                    acc=f"{correct / seen:.3f}",
+                    img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                )
         seconds = time.perf_counter() - t0
         val_loss, val_acc = evaluate(model, val_ds, aug)
         row = {
-            "epoch": epoch, "lr": opt.param_groups[0]["lr"],
-            "train_loss": round(loss_sum / seen, 5), "train_acc": round(correct / seen, 5),
-            "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
-            "seconds": round(seconds, 1), "img_per_s": round(seen / seconds, 1),
+            "epoch": epoch,
+            "lr": opt.param_groups[0]["lr"],
+            "train_loss": round(loss_sum / seen, 5),
+            "train_acc": round(correct / seen, 5),
+            "val_loss": round(val_loss, 5),
+            "val_acc": round(val_acc, 5),
+            "seconds": round(seconds, 1),
+            "img_per_s": round(seen / seconds, 1),
         }
         history.append(row)
-        log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0fs  %.0f img/s",
-                 epoch, args.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc,
-                 seconds, row["img_per_s"])
-        ckpt = {**common, "epoch": epoch, "val_acc": val_acc, "model": model.state_dict(),
-                "history": history, "args": _primitive_args(args)}
+        log.info(
+            "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0fs  %.0f img/s",
+            epoch,
+            args.epochs,
+            row["train_loss"],
+            row["train_acc"],
+            val_loss,
+            val_acc,
+            seconds,
+            row["img_per_s"],
+        )
+        ckpt = {
+            **common,
+            "epoch": epoch,
+            "val_acc": val_acc,
+            "model": model.state_dict(),
+            "history": history,
+            "args": _primitive_args(args),
+        }
         if val_acc > best_acc:
             best_acc = val_acc
             _save(ckpt, best_path)
-        _save({**ckpt, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-              last_path)
+        _save({**ckpt, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, last_path)
         write_metrics(history, args.out / "metrics.csv")
         plot_curve(history, args.out / "curve.png")
 
     best = max(history, key=lambda r: r["val_acc"])
-    log.info("best validation accuracy %.2f%% at epoch %d -> %s",
-             100 * best["val_acc"], best["epoch"], best_path)
+    log.info(
+        "best validation accuracy %.2f%% at epoch %d -> %s",
+        100 * best["val_acc"],
+        best["epoch"],
+        best_path,
+    )
     return best
 
 
