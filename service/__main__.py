@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 import onnxruntime
@@ -55,6 +56,10 @@ def banner(settings: Settings, flags: set[str]) -> str:
     return "\n".join(lines)
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags = {name: value for name, value in vars(args).items() if value is not None}
@@ -68,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     print(banner(settings, set(flags)), flush=True)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal; with this
+    # handler in place the process then exits 0 instead of dying by the signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Protocol
 
 import numpy as np
@@ -165,7 +166,7 @@ class Batcher:
         """Until the batch is full or the first item has waited ``max_delay_s``."""
         loop = asyncio.get_running_loop()
         deadline = self._queue[0].enqueued + self.max_delay_s
-        while len(self._queue) < self.max_batch_size and not self._closing:
+        while not self._full() and not self._closing:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -174,6 +175,14 @@ class Batcher:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except asyncio.TimeoutError:
                 return
+
+    def _full(self) -> bool:
+        """Whether a whole batch of live items is queued (cancelled ones do not count)."""
+        if len(self._queue) < self.max_batch_size:
+            return False
+        if any(item.future.done() for item in islice(self._queue, self.max_batch_size)):
+            self._queue = deque(item for item in self._queue if not item.future.done())
+        return len(self._queue) >= self.max_batch_size
 
     def _take(self) -> list[Pending]:
         """Up to ``max_batch_size`` live items; cancelled ones are dropped on the way."""

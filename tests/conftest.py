@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageChops, ImageDraw
 
+from service.metadata import Preprocessing
+
 CIFAR_TAR = Path(__file__).resolve().parents[1].parent / "shared/datasets/cifar10-train.tar.gz"
 CIFAR_MODEL = "cifar10-resnet20"
 
@@ -83,3 +85,28 @@ def test_images() -> dict[str, bytes]:
     images["portrait_90x120.png"] = _encode(_photo_like(90, 120, 3), "PNG")
     images["gray_64x48.png"] = _encode(_photo_like(64, 48, 4).convert("L"), "PNG")
     return images
+
+
+def _torchvision_eval(data: bytes, spec: Preprocessing) -> np.ndarray:
+    import torch
+    from torchvision import transforms as T
+
+    transform = T.Compose(
+        [
+            T.Resize(spec.resize, interpolation=T.InterpolationMode(spec.interpolation)),
+            T.CenterCrop(spec.crop),
+            T.ToTensor(),
+            T.Normalize(spec.mean, spec.std),
+        ]
+    )
+    with torch.no_grad():
+        return transform(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
+
+
+@pytest.fixture(scope="session")
+def torchvision_eval() -> Callable[[bytes, Preprocessing], np.ndarray]:
+    """``torchvision_eval(image_bytes, spec)``: the reference the service must equal.
+
+    What a model is trained and verified with: PIL decode + torchvision's eval transform.
+    """
+    return _torchvision_eval

@@ -138,6 +138,21 @@ async def test_cancelled_items_are_dropped_before_running(gated: GatedRun) -> No
     await batcher.stop()
 
 
+async def test_cancelled_items_do_not_count_toward_a_full_batch(gated: GatedRun) -> None:
+    batcher = make(gated, max_batch_size=3, max_delay_s=TIMEOUT)
+    gated.gate.set()
+    first, gone, second = (
+        batcher.submit([row(1)]) + batcher.submit([row(2)]) + batcher.submit([row(3)])
+    )
+    gone.cancel()
+    for _ in range(3):
+        await asyncio.sleep(0)  # yield: a batch counting the cancelled item would start now
+    third = batcher.submit([row(4)])
+    assert await results([first, second, *third]) == [2.0, 6.0, 8.0]
+    assert gated.batches == [[1.0, 3.0, 4.0]]
+    await batcher.stop()
+
+
 async def test_output_row_count_mismatch_fails_the_batch_clearly(gated: GatedRun) -> None:
     batcher = make(gated, max_batch_size=2, max_delay_s=60.0)
     gated.drop_last_row = True

@@ -7,13 +7,14 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torchvision import transforms as T
 
 from service.errors import InvalidImage, MissingImage, PayloadTooLarge, UnsupportedImage
 from service.metadata import Preprocessing
 from service.preprocess import BACKGROUND, Preprocessor, crop_box, resized_size
+
+Reference = Callable[[bytes, Preprocessing], np.ndarray]
+"""The ``torchvision_eval`` fixture (tests/conftest.py): PIL + torchvision eval transform."""
 
 IMAGENET = Preprocessing(
     resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
@@ -29,39 +30,25 @@ def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
     return buffer.getvalue()
 
 
-def torchvision_reference(data: bytes, spec: Preprocessing) -> np.ndarray:
-    """What the model was trained and verified with: PIL decode + torchvision eval transform."""
-    transform = T.Compose(
-        [
-            T.Resize(spec.resize, interpolation=T.InterpolationMode(spec.interpolation)),
-            T.CenterCrop(spec.crop),
-            T.ToTensor(),
-            T.Normalize(spec.mean, spec.std),
-        ]
-    )
-    with torch.no_grad():
-        return transform(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
-
-
 @pytest.mark.parametrize("spec", [IMAGENET, CIFAR, PADDED], ids=["imagenet", "cifar", "padded"])
 def test_equals_torchvision_bit_for_bit_without_draft(
-    spec: Preprocessing, test_images: dict[str, bytes]
+    spec: Preprocessing, test_images: dict[str, bytes], torchvision_eval: Reference
 ) -> None:
     pre = Preprocessor(spec, max_pixels=10**8, draft=False)
     for name, data in test_images.items():
         got = pre(data)
         assert got.shape == (3, spec.crop, spec.crop) and got.dtype == np.float32, name
-        np.testing.assert_array_equal(got, torchvision_reference(data, spec), err_msg=name)
+        np.testing.assert_array_equal(got, torchvision_eval(data, spec), err_msg=name)
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "nearest"])
 def test_equals_torchvision_with_other_interpolations(
-    interpolation: str, test_images: dict[str, bytes]
+    interpolation: str, test_images: dict[str, bytes], torchvision_eval: Reference
 ) -> None:
     spec = IMAGENET.model_copy(update={"interpolation": interpolation})
     data = test_images["photo_500x375.jpg"]
     got = Preprocessor(spec, max_pixels=10**8, draft=False)(data)
-    np.testing.assert_array_equal(got, torchvision_reference(data, spec))
+    np.testing.assert_array_equal(got, torchvision_eval(data, spec))
 
 
 def test_bgr_channel_order_reverses_the_channels(test_images: dict[str, bytes]) -> None:
@@ -80,7 +67,7 @@ def test_geometry_follows_torchvision() -> None:
 
 
 def test_large_jpeg_draft_stays_within_tolerance_of_full_decode(
-    photo_like: Callable[[int, int, int], Image.Image],
+    photo_like: Callable[[int, int, int], Image.Image], torchvision_eval: Reference
 ) -> None:
     """12 MP JPEG for a 224-pixel model: DCT-scaled to 1/4 instead of a full decode."""
     data = encode(photo_like(4000, 3000, 7), "JPEG", quality=90)
@@ -88,19 +75,21 @@ def test_large_jpeg_draft_stays_within_tolerance_of_full_decode(
     drafted = Preprocessor(IMAGENET, max_pixels=10**8, draft=True)
     assert drafted.decode(data).size == (1000, 750)
     assert full.decode(data).size == (4000, 3000)
-    reference = torchvision_reference(data, IMAGENET)
-    np.testing.assert_array_equal(full(data), reference)
-    diff = np.abs(drafted(data) - reference)
+    expected = torchvision_eval(data, IMAGENET)
+    np.testing.assert_array_equal(full(data), expected)
+    diff = np.abs(drafted(data) - expected)
     # In 0..255 pixel units (x std x 255): at most ~4 levels anywhere, ~0.3 on average.
     pixel_diff = diff * np.asarray(IMAGENET.std, dtype=np.float32)[:, None, None] * 255
     assert pixel_diff.max() < 6.0, pixel_diff.max()
     assert pixel_diff.mean() < 0.6, pixel_diff.mean()
 
 
-def test_small_jpeg_is_not_drafted(test_images: dict[str, bytes]) -> None:
+def test_small_jpeg_is_not_drafted(
+    test_images: dict[str, bytes], torchvision_eval: Reference
+) -> None:
     data = test_images["photo_500x375.jpg"]  # shorter side 375 < 2 x 256
     got = Preprocessor(IMAGENET, max_pixels=10**8, draft=True)(data)
-    np.testing.assert_array_equal(got, torchvision_reference(data, IMAGENET))
+    np.testing.assert_array_equal(got, torchvision_eval(data, IMAGENET))
 
 
 def decode(image: Image.Image, fmt: str = "PNG", **params: object) -> Image.Image:

@@ -1,0 +1,137 @@
+"""The ONNX Runtime engine on a real exported model, and its contract checks."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from service.engine import (
+    CPU,
+    CUDA,
+    Engine,
+    ModelLoadError,
+    ThreadSettings,
+    resolve_providers,
+    softmax,
+    warmup_sizes,
+)
+
+CIFAR_LABELS = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
+@pytest.fixture(scope="module")
+def engine(cifar_model_file: Path) -> Engine:
+    return Engine(cifar_model_file, threads=ThreadSettings(intra_op=1))
+
+
+def test_reads_the_model_card_and_signature(engine: Engine, cifar_model_file: Path) -> None:
+    assert engine.card.labels == CIFAR_LABELS
+    assert (engine.num_classes, engine.embedding_dim, engine.input_size) == (10, 64, 32)
+    assert engine.provider == CPU
+    assert engine.sha256 == hashlib.sha256(cifar_model_file.read_bytes()).hexdigest()
+
+
+def test_run_equals_onnxruntime_and_adds_softmax(engine: Engine, cifar_model_file: Path) -> None:
+    batch = np.random.default_rng(1).standard_normal((5, 3, 32, 32), dtype=np.float32)
+    session = ort.InferenceSession(str(cifar_model_file), providers=[CPU])
+    logits, embedding = session.run(["logits", "embedding"], {"input": batch})
+    out = engine.run(batch)
+    np.testing.assert_allclose(out["logits"], logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["embedding"], embedding, rtol=1e-5, atol=1e-5)
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["probabilities"].sum(1), np.ones(5), atol=1e-6)
+
+
+def test_run_rows_stacks_rows(engine: Engine) -> None:
+    rows = list(np.random.default_rng(2).standard_normal((3, 3, 32, 32), dtype=np.float32))
+    np.testing.assert_allclose(
+        engine.run_rows(rows)["logits"], engine.run(np.stack(rows))["logits"], atol=1e-5
+    )
+    assert engine.run_rows(rows[:1])["logits"].shape == (1, 10)
+
+
+def test_softmax_is_stable_for_large_logits() -> None:
+    probs = softmax(np.array([[1000.0, 1000.0, -1000.0]], dtype=np.float32))
+    np.testing.assert_allclose(probs, [[0.5, 0.5, 0.0]])
+
+
+def test_warmup_sizes_cover_the_batch_bucket() -> None:
+    assert warmup_sizes(1) == [1]
+    assert warmup_sizes(12) == [1, 2, 4, 8, 12]
+    assert warmup_sizes(32) == [1, 2, 4, 8, 16, 32]
+
+
+def test_warm_up_runs_every_size(engine: Engine) -> None:
+    assert engine.warm_up([1, 4]) > 0.0
+
+
+def test_provider_choice(caplog: pytest.LogCaptureFixture) -> None:
+    # No GPU on this machine: the CUDA cases are decided from the provider list alone.
+    assert resolve_providers(("auto",), [CUDA, CPU]) == [CUDA, CPU]
+    assert resolve_providers(("auto",), ["AzureExecutionProvider", CPU]) == [CPU]
+    assert resolve_providers(("cpu",), [CUDA, CPU]) == [CPU]
+    with caplog.at_level(logging.WARNING):
+        assert resolve_providers(("cuda",), [CPU]) == [CPU]
+    assert "['CUDAExecutionProvider'] are not available" in caplog.text
+
+
+def test_not_an_onnx_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"definitely not protobuf")
+    with pytest.raises(ModelLoadError, match="is not a loadable ONNX model"):
+        Engine(path)
+
+
+def _tiny_model(path: Path, *, input_name: str, card: dict[str, str] | None) -> None:
+    """A one-node ONNX graph (identity), with or without a model card."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [input_name], ["logits"])],
+        "tiny",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 32, 32])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in (card or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, path)
+
+
+def test_model_without_card(tmp_path: Path) -> None:
+    _tiny_model(tmp_path / "m.onnx", input_name="input", card=None)
+    with pytest.raises(ModelLoadError, match="was this file written by `python -m export`"):
+        Engine(tmp_path / "m.onnx")
+
+
+def test_model_with_wrong_input_name(tmp_path: Path, engine: Engine) -> None:
+    card = engine.card.to_metadata_props()
+    _tiny_model(tmp_path / "m.onnx", input_name="pixels", card=card)
+    with pytest.raises(ModelLoadError, match=r"expected one input 'input', got \['pixels'\]"):
+        Engine(tmp_path / "m.onnx")
+
+
+def test_model_missing_embedding_output(tmp_path: Path, engine: Engine) -> None:
+    _tiny_model(tmp_path / "m.onnx", input_name="input", card=engine.card.to_metadata_props())
+    with pytest.raises(ModelLoadError, match="output 'embedding' missing"):
+        Engine(tmp_path / "m.onnx")
