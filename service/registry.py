@@ -3,16 +3,19 @@
 Each model version gets its own engine, preprocessor and batcher. Loading runs in a
 worker thread, so the HTTP server answers (``/healthz``, ``/readyz`` 503 "loading") while
 models load. A model that fails to load is kept with its reason, for ``/models`` and
-``/readyz``; the others keep serving. ``load``/``unload`` also work at run time
-(unloading stops new requests first, then finishes what is queued).
+``/readyz``; the others keep serving. ``load``/``unload`` also work at run time:
+unloading stops routing new requests to the model, waits for the requests already in
+flight on it (:meth:`ServedModel.in_flight`), then finishes what is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.batcher import Batcher
@@ -24,6 +27,9 @@ from service.repository import ModelEntry, RepositoryError, scan, scan_model
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+UNLOAD_GRACE_S = 30.0
+"""How long unloading waits for a model's requests in flight before failing the rest."""
 
 
 class State(str, enum.Enum):
@@ -55,6 +61,23 @@ class ServedModel:
     preprocessor: Preprocessor | None = None
     batcher: Batcher | None = None
     warmup_seconds: float | None = None
+    requests: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count a request as in flight on this version: unloading waits for it to end."""
+        self.requests += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.requests -= 1
+            if not self.requests:
+                self.idle.set()
 
 
 class ModelRegistry:
@@ -95,7 +118,8 @@ class ModelRegistry:
     async def load(self, name: str) -> None:
         """(Re)load every version of ``name`` from the repository, at run time."""
         async with self._lock:
-            entry = scan_model(self.settings.models_dir / name)
+            model_dir = self.settings.models_dir / name
+            entry = scan_model(model_dir) if model_dir.is_dir() else None
             if entry is None:
                 raise ModelNotFound(f"no model {name!r} under {self.settings.models_dir}")
             await self._unload(name)
@@ -111,6 +135,16 @@ class ModelRegistry:
         versions = self.models.pop(name, {})
         for served in versions.values():
             self.metrics.model_ready.labels(name, str(served.version)).set(0)
+            try:
+                await asyncio.wait_for(served.idle.wait(), UNLOAD_GRACE_S)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "%s v%d: %d requests still in flight after %.0f s; unloading anyway",
+                    name,
+                    served.version,
+                    served.requests,
+                    UNLOAD_GRACE_S,
+                )
             if served.batcher is not None:
                 await served.batcher.stop()
             served.engine = served.batcher = None
