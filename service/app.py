@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from service import __version__
 from service.errors import ServiceError
@@ -69,6 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(Exception, _unhandled_error)
     for module in (predict, embed, models, health):
         app.include_router(module.router)
@@ -104,6 +106,11 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     code = codes.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal_error")
     return _error(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
+async def _client_disconnect(request: Request, exc: Exception) -> JSONResponse:
+    # The client left while sending its body; nobody reads this, but metrics count it.
+    return _error(request, 499, "client_disconnected", "the client disconnected")
 
 
 async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:

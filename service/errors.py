@@ -29,6 +29,12 @@ class ServiceError(Exception):
         other.args = (other.message,)
         return other
 
+    def with_status(self, status: int) -> ServiceError:
+        """The same error answered with another HTTP status (a protocol may map codes)."""
+        other = copy.copy(self)
+        other.status = status
+        return other
+
     def body(self) -> dict[str, dict[str, str]]:
         """The JSON error body."""
         return {"error": {"code": self.code, "message": self.message}}

@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 
 from service.metadata import EMBEDDING_NAME
+from service.postprocess import l2_normalize
 from service.routes.deps import Context, ModelName, ModelVersion
 from service.routes.images import REQUEST_BODY, json_response, run_images
 from service.schemas import ERROR_RESPONSES, EmbedResponse
@@ -58,9 +59,3 @@ async def embed(
             "results": [{"embedding": row} for row in vectors.tolist()],
         }
     )
-
-
-def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (a zero row stays zero), like torch's F.normalize."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, np.float32(1e-12))

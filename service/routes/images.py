@@ -155,10 +155,16 @@ async def preprocess(
 
 
 async def run_images(request: Request, served: ServedModel, context: AppContext) -> list[Outputs]:
-    """Steps 1-3 for one request, with the preprocessing metrics."""
+    """Steps 1-3 for one request."""
+    return await run_files(request, served, context, await read_images(request, context.settings))
+
+
+async def run_files(
+    request: Request, served: ServedModel, context: AppContext, images: Sequence[Image]
+) -> list[Outputs]:
+    """Steps 2-3 for image files already taken out of a request, with their metrics."""
     if served.preprocessor is None:
         raise ModelNotReady(f"model {served.name!r} version {served.version} was unloaded")
-    images = await read_images(request, context.settings)
     if len(images) > context.settings.max_images_per_request:
         raise PayloadTooLarge(
             f"{len(images)} images; at most {context.settings.max_images_per_request} per request"

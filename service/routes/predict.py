@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 
 from service.engine import PROBABILITIES_NAME
 from service.errors import InvalidParameter
+from service.postprocess import top_predictions
 from service.routes.deps import Context, ModelName, ModelVersion
 from service.routes.images import REQUEST_BODY, json_response, run_images
 from service.schemas import ERROR_RESPONSES, PredictResponse
@@ -45,20 +44,3 @@ async def predict(
         {"predictions": top_predictions(out[PROBABILITIES_NAME], top_k, labels)} for out in outputs
     ]
     return json_response({"model": served.name, "version": served.version, "results": results})
-
-
-def top_predictions(
-    probabilities: np.ndarray, k: int, labels: Sequence[str]
-) -> list[dict[str, object]]:
-    """The k best classes of one row, best first (ties keep the lower index first)."""
-    if k < probabilities.shape[0]:
-        candidates = np.argpartition(probabilities, -k)[-k:]
-        candidates.sort()
-    else:
-        candidates = np.arange(probabilities.shape[0])
-    order = candidates[np.argsort(-probabilities[candidates], kind="stable")]
-    scores = probabilities[order].tolist()
-    return [
-        {"index": index, "label": labels[index], "score": score}
-        for index, score in zip(order.tolist(), scores, strict=True)
-    ]
