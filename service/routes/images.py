@@ -81,13 +81,23 @@ Image = tuple[str, bytes]
 async def read_images(request: Request, settings: Settings) -> list[Image]:
     """The image files in the request, in order; 4xx errors for anything else."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > settings.max_body_bytes:
-        raise _too_large(int(length), settings)
+    _check_length(request, settings)
     if media_type == "multipart/form-data":
         return await _read_multipart(request, settings)
     if not (media_type.startswith("image/") or media_type in RAW_TYPES):
         raise UnsupportedMediaType(f"Content-Type {media_type!r} is not accepted; send {ACCEPTED}")
+    body = await read_body(request, settings)
+    if not body:
+        raise MissingImage(
+            "the request body is empty; send the image bytes as the body, or multipart/form-data "
+            "with file parts named 'file'"
+        )
+    return [("the image", body)]
+
+
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The whole raw body; 413 as soon as it is over ``max_body_bytes`` (the v2 routes too)."""
+    _check_length(request, settings)
     chunks = []
     size = 0
     async for chunk in request.stream():
@@ -95,13 +105,13 @@ async def read_images(request: Request, settings: Settings) -> list[Image]:
         if size > settings.max_body_bytes:
             raise _too_large(size, settings)
         chunks.append(chunk)
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if not body:
-        raise MissingImage(
-            "the request body is empty; send the image bytes as the body, or multipart/form-data "
-            "with file parts named 'file'"
-        )
-    return [("the image", body)]
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _check_length(request: Request, settings: Settings) -> None:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > settings.max_body_bytes:
+        raise _too_large(int(length), settings)
 
 
 async def _read_multipart(request: Request, settings: Settings) -> list[Image]:
