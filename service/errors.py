@@ -1,7 +1,8 @@
 """Errors a request can end in, each with its HTTP status and a stable code.
 
 Every one reaches the client as ``{"error": {"code": "...", "message": "..."}}`` (see
-``app.py``); the message says what was wrong and what is allowed. Lower layers
+``app.py``), or under ``/v2`` as the Open Inference Protocol's ``{"error": "..."}``
+(:func:`error_body`); the message says what was wrong and what is allowed. Lower layers
 (preprocessing, the batcher, the registry) raise these directly, so that the routes stay
 free of error translation.
 """
@@ -9,6 +10,16 @@ free of error translation.
 from __future__ import annotations
 
 import copy
+
+V2_PREFIX = "/v2"
+"""Paths of the Open Inference Protocol (KServe v2), whose error body is its own."""
+
+
+def error_body(path: str, code: str, message: str) -> dict[str, object]:
+    """The JSON error body for a request to ``path``."""
+    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+        return {"error": message}
+    return {"error": {"code": code, "message": message}}
 
 
 class ServiceError(Exception):
