@@ -20,10 +20,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service import __version__
-from service.errors import ServiceError
+from service.errors import ServiceError, error_body
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import ModelRegistry
-from service.routes import embed, health, models, predict
+from service.routes import embed, health, models, predict, v2
 from service.routes.deps import AppContext
 from service.settings import Settings
 
@@ -72,7 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(Exception, _unhandled_error)
-    for module in (predict, embed, models, health):
+    for module in (predict, embed, models, health, v2):
         app.include_router(module.router)
     return app
 
@@ -84,7 +84,7 @@ def _log_failure(task: asyncio.Task[None]) -> None:
 
 def _error(request: Request, status: int, code: str, message: str, **kw: object) -> JSONResponse:
     request.state.error_code = code
-    body = {"error": {"code": code, "message": message}}
+    body = error_body(request.url.path, code, message)
     return JSONResponse(body, status_code=status, **kw)  # type: ignore[arg-type]
 
 
