@@ -1,0 +1,198 @@
+"""The training recipe: a real (tiny) run on real images, exact resume, the augmentation."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from export import data, train
+from service.metadata import ModelCard
+
+ROOT = Path(__file__).resolve().parents[2]
+CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar.gz"
+CIFAR_CLASSES = (
+    "airplane automobile bird cat deer dog frog horse ship truck".split()  # noqa: SIM905
+)
+
+
+@pytest.fixture(scope="module")
+def data_source(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small ImageFolder: real CIFAR-10 JPEGs from the shared tarball where it exists,
+    generated images (one mean colour per class, something to learn) where it does not."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    per_class = 15
+    if CIFAR_TAR.exists():
+        taken: dict[str, int] = {}
+        with tarfile.open(CIFAR_TAR) as tar:
+            for member in tar:
+                path = PurePosixPath(member.name)
+                cls = path.parent.name
+                if member.isfile() and path.suffix == ".jpg" and taken.get(cls, 0) < per_class:
+                    taken[cls] = taken.get(cls, 0) + 1
+                    (root / cls).mkdir(exist_ok=True)
+                    (root / cls / path.name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+        return str(root)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(CIFAR_CLASSES):
+        (root / name).mkdir()
+        for j in range(per_class):
+            pixels = rng.normal(25 * i, 40, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{j:04d}.jpg", quality=75)
+    return str(root)
+
+
+def _args(source: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data", source, "--out", str(out), "--limit", "120", "--val-per-class", "2",
+        "--batch-size", "32", "--no-progress", "--threads", "2", *extra,
+    ]  # fmt: skip
+
+
+def test_smoke_train_then_export(data_source: str, tmp_path: Path) -> None:
+    """One epoch on a few hundred images writes every artefact, and the export accepts it."""
+    run = tmp_path / "run"
+    source = str(CIFAR_TAR) if CIFAR_TAR.exists() else data_source
+    argv = [
+        "--data", source, "--out", str(run), "--limit", "300", "--epochs", "1",
+        "--no-progress", "--threads", "2",
+    ]  # fmt: skip
+    assert train.main(argv) == 0
+    for name in ("best.pt", "last.pt", "metrics.csv", "curve.png"):
+        assert (run / name).stat().st_size > 0, name
+
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert 0.0 <= float(rows[0]["val_acc"]) <= 1.0
+    with Image.open(run / "curve.png") as im:
+        assert im.format == "PNG"
+
+    ckpt = torch.load(run / "best.pt", weights_only=True)  # must not need unpickling code
+    assert ckpt["arch"] == "cifar-resnet20"
+    assert tuple(ckpt["classes"]) == tuple(CIFAR_CLASSES)
+    assert ckpt["input_size"] == 32 and len(ckpt["mean"]) == len(ckpt["std"]) == 3
+
+    models = tmp_path / "models"
+    subprocess.run(
+        [sys.executable, "-m", "export", "cifar-resnet20", "--checkpoint", str(run / "best.pt"),
+         "--out", str(models), "--name", "smoke", "--version", "1"],
+        check=True, cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    session = ort.InferenceSession(
+        str(models / "smoke" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    card = ModelCard.from_metadata_props(session.get_modelmeta().custom_metadata_map)
+    assert card.labels == tuple(CIFAR_CLASSES)
+    assert card.preprocessing.crop == 32
+    assert card.preprocessing.mean == pytest.approx(ckpt["mean"])
+    assert card.preprocessing.std == pytest.approx(ckpt["std"])
+    assert card.provenance.trained is True
+
+
+def test_resume_repeats_the_run_exactly(
+    data_source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two epochs straight and one epoch + --resume end on the same weights."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main(_args(data_source, straight, "--epochs", "2")) == 0
+
+    # Interrupt a 2-epoch run right after its first epoch's checkpoint is written (the
+    # curve is plotted after the checkpoints), as a Ctrl-C or a lost machine would.
+    real_plot = train.plot_curve
+
+    def plot_then_interrupt(rows: list[dict[str, Any]], path: Path) -> None:
+        real_plot(rows, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "plot_curve", plot_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_args(data_source, resumed, "--epochs", "2"))
+    monkeypatch.setattr(train, "plot_curve", real_plot)
+    assert torch.load(resumed / "last.pt", weights_only=True)["epoch"] == 1
+
+    assert train.main(_args(data_source, resumed, "--epochs", "2", "--resume")) == 0
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(resumed / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+    assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
+
+
+def test_resume_without_checkpoint_fails_clearly(data_source: str, tmp_path: Path) -> None:
+    assert train.main(_args(data_source, tmp_path / "none", "--epochs", "1", "--resume")) == 2
+
+
+def test_augment_crops_flips_and_normalizes() -> None:
+    """Each output is a 32x32 window of the zero-padded image, maybe mirrored, normalized."""
+    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8)
+    aug = train.Augment([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    out = aug(images, torch.Generator().manual_seed(1))
+    assert out.shape == (16, 3, 32, 32) and out.is_contiguous(memory_format=torch.channels_last)
+
+    # Undo the normalization and find each output inside its padded source.
+    pixels = (out * aug.std + aug.mean).round().permute(0, 2, 3, 1).to(torch.uint8)
+    padded = torch.nn.functional.pad(images, (0, 0, 4, 4, 4, 4))
+    flipped = 0
+    for i in range(16):
+        windows = {
+            (y, x, f)
+            for y in range(9)
+            for x in range(9)
+            for f in (False, True)
+            if torch.equal(
+                (
+                    padded[i, y : y + 32, x : x + 32].flip(1)
+                    if f
+                    else padded[i, y : y + 32, x : x + 32]
+                ),
+                pixels[i],
+            )
+        }
+        assert len(windows) >= 1, f"image {i} is not a padded crop of its source"
+        flipped += all(f for _, _, f in windows)
+    assert 0 < flipped < 16  # both branches taken with this seed
+
+    again = aug(images, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+
+
+def test_stratified_split_is_fixed_and_balanced() -> None:
+    targets = torch.arange(10).repeat_interleave(50)
+    train_idx, val_idx = data.stratified_split(targets, 5, seed=0)
+    assert len(val_idx) == 50 and len(train_idx) == 450
+    assert torch.bincount(targets[val_idx]).tolist() == [5] * 10
+    assert set(train_idx.tolist()).isdisjoint(val_idx.tolist())
+    again = data.stratified_split(targets, 5, seed=0)[1]
+    assert torch.equal(val_idx, again)
+    assert not torch.equal(val_idx, data.stratified_split(targets, 5, seed=1)[1])
+
+
+def test_channel_stats_on_known_pixels() -> None:
+    images = torch.zeros(2, 1, 1, 3, dtype=torch.uint8)
+    images[1] = 255
+    mean, std = data.channel_stats(images)
+    assert mean == pytest.approx([0.5, 0.5, 0.5])
+    assert std == pytest.approx([2**-0.5] * 3)  # sample std of {0, 1}
+
+
+def test_load_reads_an_imagefolder(tmp_path: Path) -> None:
+    for name, colour in (("b", (0, 0, 255)), ("a", (255, 0, 0))):
+        (tmp_path / name).mkdir()
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(buf, format="PNG")
+        (tmp_path / name / "x.png").write_bytes(buf.getvalue())
+    ds = data.load(str(tmp_path), size=32, progress=False)
+    assert ds.classes == ("a", "b")
+    assert ds.images.shape == (2, 32, 32, 3)
+    assert ds.images[ds.targets == 0][0, 0, 0].tolist() == [255, 0, 0]
