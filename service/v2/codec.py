@@ -107,7 +107,10 @@ def parse_request(header: bytes) -> InferRequest:
     try:
         return InferRequest.model_validate_json(header)
     except ValidationError as exc:
-        raise BadRequest(f"invalid inference request: {validation_message(exc)}") from None
+        message = f"invalid inference request: {validation_message(exc)}"
+        if "trailing characters" in message:  # binary data read as part of the JSON
+            message += f" (binary data after the JSON needs the {HEADER_LENGTH} header)"
+        raise BadRequest(message) from None
 
 
 def validation_message(exc: ValidationError) -> str:

@@ -129,7 +129,7 @@ async def run(
     if tensor.name == INPUT_NAME:
         context.metrics.images.labels(served.name).inc(rows)
         return await infer(request, served, list(tensor.data))
-    files = [(f"element {i + 1} of input 'image'", _image_bytes(tensor, i)) for i in range(rows)]
+    files = [(f"input 'image' element {i + 1}", _image_bytes(tensor, i)) for i in range(rows)]
     try:
         return await run_files(request, served, context, files)
     except ServiceError as exc:

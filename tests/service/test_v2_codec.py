@@ -224,6 +224,11 @@ X = '{"name": "x", "shape": [2], "datatype": "FP32"'
             None,
             "shared-memory extension is not supported",
         ),
+        (
+            _json(X + ', "parameters": {"binary_data_size": 8}}') + bytes(8),
+            None,
+            "binary data after the JSON needs the Inference-Header-Content-Length header",
+        ),
         (b"{}", "abc", "must be a byte count, got 'abc'"),
         (b"{}", "9", "is 9 but the body has only 2 bytes"),
     ],
