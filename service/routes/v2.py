@@ -228,13 +228,15 @@ async def _infer(
 ) -> Response:
     served = resolve(context, model, version)
     request.state.model = served.name
-    labels = inference.engine_of(served).card.labels
-    settings = context.settings
-    body = await read_body(request, settings)
-    body = decompress(body, request.headers.get("content-encoding"), limit=settings.max_body_bytes)
-    header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-    infer_request = parse_request(header)
+    # In flight from here: unloading the model waits for this request (body included).
     with served.in_flight():
+        labels = inference.engine_of(served).card.labels
+        settings = context.settings
+        body = await read_body(request, settings)
+        encoding = request.headers.get("content-encoding")
+        body = decompress(body, encoding, limit=settings.max_body_bytes)
+        header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+        infer_request = parse_request(header)
         specs = inference.output_specs(infer_request, served)
         tensor = inference.the_input(decode_inputs(infer_request.inputs, binary), served)
         rows = await inference.run(request, served, context, tensor)
