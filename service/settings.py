@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "RESNET_SERVE_"
@@ -23,6 +23,10 @@ PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+SECRETS = frozenset({"api_keys"})
+"""Settings whose values are never printed, not even in a validation error."""
 
 
 class Settings(BaseSettings):
@@ -91,6 +95,41 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(
         default=64, ge=1, description="Most images in one request (413 beyond)."
     )
+    max_concurrent_requests: int = Field(
+        default=128,
+        ge=1,
+        description="POST requests handled at once (reading, decoding, queued or running); "
+        "beyond it 503 with Retry-After before the body is read, so memory stays under "
+        "about this many times max_body_bytes.",
+    )
+    request_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Longest a request may take from arrival to answer (504 beyond); a client "
+        "may ask for less with the X-Request-Timeout header, in seconds.",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="On SIGTERM, how long requests in flight and queued may take to finish "
+        "before they are cancelled.",
+    )
+    require_gpu: bool = Field(
+        default=False,
+        description="Refuse to start, and fail a model, when CUDA is not usable instead of "
+        "falling back to CPU with a warning.",
+    )
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        default=(),
+        description="API keys, comma-separated; when set, every route but health, readiness, "
+        "metrics and the docs needs 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.",
+    )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Origins that browsers may call the API from, comma-separated ('*' for "
+        "any); empty turns CORS off.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="Log level of the service and uvicorn."
     )
@@ -98,10 +137,14 @@ class Settings(BaseSettings):
         default=False,
         description="Log one line per request (uvicorn's access log; costs throughput).",
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines as text, or as one JSON object per line (with the request ID).",
+    )
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "api_keys", "cors_origins", mode="before")
     @classmethod
-    def _split_providers(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
@@ -124,6 +167,26 @@ class Settings(BaseSettings):
                 )
         if "auto" in value and len(value) > 1:
             raise ValueError("'auto' cannot be combined with other providers")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for key in value:
+            secret = key.get_secret_value()
+            if not secret.isascii() or not secret.isprintable() or " " in secret:
+                raise ValueError("API keys are printable ASCII without spaces or commas")
+        return value
+
+    @field_validator("require_gpu")
+    @classmethod
+    def _gpu_needs_a_gpu_provider(cls, value: bool, info: ValidationInfo) -> bool:
+        providers = info.data.get("providers", ())
+        if value and all(p in ("cpu", "CPUExecutionProvider") for p in providers):
+            raise ValueError(
+                f"require_gpu is on but providers is {','.join(providers)!r}; "
+                "use 'auto' or 'cuda'"
+            )
         return value
 
     @field_validator("default_model")
@@ -166,5 +229,6 @@ def load_settings(**overrides: object) -> Settings:
         for error in exc.errors():
             name = ".".join(str(part) for part in error["loc"]) or "settings"
             env = ENV_PREFIX + name.upper()
-            lines.append(f"  {name} ({env}) = {error.get('input')!r}: {error['msg']}")
+            shown = "(hidden)" if name.split(".")[0] in SECRETS else repr(error.get("input"))
+            lines.append(f"  {name} ({env}) = {shown}: {error['msg']}")
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from exc
