@@ -306,3 +306,31 @@ def test_v2_requests_share_the_batcher_with_predict(server: Server, images: list
         assert metric(http_client, "resnet_serve_batch_size_count", **labels) == count + 1
         assert metric(http_client, "resnet_serve_batch_size_sum", **labels) == total + 4
     np.testing.assert_allclose(results, predicted(server, images[:4]), **TOL)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(
+    client: triton.InferenceServerClient, tensors: tuple[list[bytes], np.ndarray], algorithm: str
+) -> None:
+    batch = tensors[1][:2]
+    plain = client.infer(MODEL, [tensor_input(batch)]).as_numpy("logits")
+    packed = client.infer(MODEL, [tensor_input(batch)], request_compression_algorithm=algorithm)
+    np.testing.assert_array_equal(packed.as_numpy("logits"), plain)
+
+
+def test_openapi_documents_the_v2_routes(server: Server) -> None:
+    spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    infer = spec["paths"]["/v2/models/{model}/versions/{version}/infer"]["post"]
+    body = infer["requestBody"]["content"]
+    assert set(body) == {"application/json", "application/octet-stream"}
+    assert set(body["application/json"]["schema"]["properties"]) == {
+        "id",
+        "parameters",
+        "inputs",
+        "outputs",
+    }
+    assert infer["responses"]["404"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/V2Error"
+    }
+    assert spec["components"]["schemas"]["V2Error"]["properties"]["error"]["type"] == "string"
+    assert {"/v2/repository/index", "/v2/models/{model}/config"} <= set(spec["paths"])
