@@ -238,7 +238,7 @@ async def _infer(
         header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         infer_request = parse_request(header)
         specs = inference.output_specs(infer_request, served)
-        tensor = inference.the_input(decode_inputs(infer_request.inputs, binary), served)
+        tensor = inference.single_input(decode_inputs(infer_request.inputs, binary), served)
         rows = await inference.run(request, served, context, tensor)
     outputs, sections = inference.encode_outputs(rows, specs, labels)
     payload: dict[str, object] = {"model_name": served.name, "model_version": str(served.version)}

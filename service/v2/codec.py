@@ -127,7 +127,7 @@ def decode_inputs(inputs: Sequence[RequestInput], binary: memoryview) -> list[Te
     tensors = []
     offset = 0
     for item in inputs:
-        _reject_shared_memory(item.parameters.extra_keys(), f"input {item.name!r}")
+        reject_shared_memory(item.parameters.extra_keys(), f"input {item.name!r}")
         size = item.parameters.binary_data_size
         if size is None:
             if item.data is None:
@@ -153,7 +153,8 @@ def decode_inputs(inputs: Sequence[RequestInput], binary: memoryview) -> list[Te
     return tensors
 
 
-def _reject_shared_memory(keys: list[str], what: str) -> None:
+def reject_shared_memory(keys: list[str], what: str) -> None:
+    """400 for the shared-memory extension's parameters: tensors travel in the body here."""
     if any(key.startswith("shared_memory") for key in keys):
         raise BadRequest(f"{what}: the shared-memory extension is not supported; send the data")
 

@@ -26,7 +26,7 @@ from service.postprocess import top_predictions
 from service.registry import ServedModel
 from service.routes.deps import AppContext
 from service.routes.images import infer, run_files
-from service.v2.codec import BYTES, Tensor, encode_output
+from service.v2.codec import BYTES, Tensor, encode_output, reject_shared_memory
 from service.v2.schemas import InferRequest
 
 IMAGE_NAME = "image"
@@ -65,10 +65,7 @@ def output_specs(request: InferRequest, served: ServedModel) -> list[OutputSpec]
                 f"unknown output {output.name!r}; model {served.name!r} has outputs "
                 + ", ".join(repr(n) for n in OUTPUT_NAMES)
             )
-        if any(key.startswith("shared_memory") for key in params.extra_keys()):
-            raise BadRequest(
-                f"output {output.name!r}: the shared-memory extension is not supported"
-            )
+        reject_shared_memory(params.extra_keys(), f"output {output.name!r}")
         k = params.classification
         if k is not None and output.name not in CLASS_OUTPUTS:
             raise BadRequest(
@@ -87,7 +84,7 @@ def output_specs(request: InferRequest, served: ServedModel) -> list[OutputSpec]
     return specs
 
 
-def the_input(tensors: Sequence[Tensor], served: ServedModel) -> Tensor:
+def single_input(tensors: Sequence[Tensor], served: ServedModel) -> Tensor:
     """The one input of the request, with its datatype and shape checked against the model."""
     size = engine_of(served).input_size
     expected = {
@@ -147,7 +144,7 @@ def _image_bytes(tensor: Tensor, index: int) -> bytes:
         return base64.b64decode(element, validate=True)
     except binascii.Error:
         raise BadRequest(
-            f"element {index + 1} of input 'image' is not valid base64; in JSON 'data' an image "
+            f"input 'image' element {index + 1} is not valid base64; in JSON 'data' an image "
             "is base64 text (or send raw bytes with the binary data extension)"
         ) from None
 

@@ -116,7 +116,7 @@ def out(name: str, k: int = 0) -> list[triton.InferRequestedOutput]:
         (
             lambda c: c.infer(MODEL, [files(b"not base64!", binary=False)]),
             400,
-            "element 1 of input 'image' is not valid base64",
+            "input 'image' element 1 is not valid base64",
         ),
         (
             lambda c: c.infer(BATCHED, [fp32("input", [17, 3, 32, 32])]),
