@@ -17,6 +17,12 @@ Decoding turns any Pillow image into RGB:
   float images (``F``) are read as 0..1 when their maximum is at most 1, else as 0..255;
 * CMYK, YCbCr, palette and 1-bit images use Pillow's conversions.
 
+Only the formats named in :data:`FORMATS` are opened: Pillow knows dozens more (EPS runs
+Ghostscript, PSD, FITS, ...), and each is more decoder code facing hostile bytes. An image
+of extreme aspect ratio (say 1x30000) would be resized to an intermediate of billions of
+pixels before the centre crop; past :data:`BOX_ASPECT` the crop's source region alone is
+resized instead (Pillow's ``box``), the same sampling within rounding.
+
 A large JPEG is decoded at a reduced scale (libjpeg's DCT scaling, Pillow's ``draft``)
 while it stays at least twice the resize target, the same "reducing gap" that Pillow's
 ``thumbnail`` uses; the resize that follows still antialiases, and the result stays
@@ -53,6 +59,10 @@ DRAFT_GAP = 2
 """A JPEG is DCT-scaled only while its shorter side stays >= DRAFT_GAP * resize."""
 BACKGROUND = (255, 255, 255)
 """Colour that transparent pixels are composited onto."""
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+"""The Pillow formats a request may send (JPEG includes MPO, which many cameras write)."""
+BOX_ASPECT = 4
+"""Past this aspect ratio only the centre crop's source region is resized."""
 
 
 def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
@@ -113,7 +123,7 @@ class Preprocessor:
         if not data:
             raise MissingImage("the image is empty (0 bytes)")
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError as exc:
             raise _unsupported() from exc
         except Image.DecompressionBombError as exc:
@@ -146,11 +156,24 @@ class Preprocessor:
         """RGB image -> float32 [3, crop, crop], exactly as torchvision's eval transform."""
         spec = self.spec
         size = resized_size(image.width, image.height, spec.resize)
+        if max(size) > BOX_ASPECT * spec.resize and spec.crop <= min(size):
+            return self._table_lookup(self._resize_crop_region(image, size))
         if size != image.size:
             image = image.resize(size, self._resample)
         box = crop_box(size[0], size[1], spec.crop)
         if box != (0, 0, size[0], size[1]):
             image = image.crop(box)  # areas outside the image come back as zeros
+        return self._table_lookup(image)
+
+    def _resize_crop_region(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """Resize-then-centre-crop computed on the crop's source region only."""
+        left, top, right, bottom = crop_box(size[0], size[1], self.spec.crop)
+        sx, sy = image.width / size[0], image.height / size[1]
+        region = (left * sx, top * sy, right * sx, bottom * sy)
+        return image.resize((self.spec.crop, self.spec.crop), self._resample, box=region)
+
+    def _table_lookup(self, image: Image.Image) -> np.ndarray:
+        """ToTensor + Normalize of a crop-sized RGB image, through the lookup table."""
         pixels = np.asarray(image)
         out = np.empty(self.shape, dtype=np.float32)
         for index, channel in enumerate(self._channels):
