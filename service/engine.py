@@ -64,6 +64,17 @@ def resolve_providers(requested: Sequence[str], available: Iterable[str]) -> lis
     return chosen
 
 
+def cuda_missing(available: Iterable[str]) -> str | None:
+    """Why this onnxruntime build cannot run CUDA at all, or None when it has the provider."""
+    available = list(available)
+    if CUDA in available:
+        return None
+    return (
+        f"this onnxruntime build has no CUDA provider (available: {', '.join(available)}); "
+        "install onnxruntime-gpu (the 'gpu' extra) where an NVIDIA GPU and CUDA are present"
+    )
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float32, stable for large logits."""
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -81,6 +92,7 @@ class Engine:
         *,
         providers: Sequence[str] = ("auto",),
         threads: ThreadSettings | None = None,
+        require_gpu: bool = False,
     ) -> None:
         self.path = path
         try:
@@ -97,7 +109,8 @@ class Engine:
         spin = "1" if threads.allow_spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        wanted = resolve_providers(providers, ort.get_available_providers())
+        available = ort.get_available_providers()
+        wanted = resolve_providers(providers, available)
         try:
             self.session = ort.InferenceSession(data, sess_options=options, providers=wanted)
             self.card = ModelCard.from_metadata_props(
@@ -108,7 +121,17 @@ class Engine:
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise ModelLoadError(f"{path} is not a loadable ONNX model: {exc}") from exc
         self.provider = self.session.get_providers()[0]
-        if wanted[0] != self.provider:
+        asked_cuda = CUDA in wanted or CUDA in [PROVIDER_ALIASES.get(p, p) for p in providers]
+        if self.provider != CUDA and (asked_cuda or require_gpu):
+            # ORT falls back to CPU, with only a Python warning, when CUDA cannot start
+            # (no device, driver or CUDA/cuDNN libraries): say so, or refuse.
+            why = cuda_missing(available) or "CUDA could not be initialised"
+            if require_gpu:
+                raise ModelLoadError(
+                    f"{path}: require_gpu is on, but {why}; the session runs on {self.provider}"
+                )
+            log.warning("%s: CUDA requested but not usable (%s): running on CPU", path, why)
+        elif wanted[0] != self.provider:
             log.warning("%s: asked for %s, running on %s", path, wanted[0], self.provider)
         self.num_classes, self.embedding_dim = self._check_signature()
 

@@ -131,7 +131,7 @@ class ModelRegistry:
         async with self._lock:
             await self._unload(name)
 
-    async def _unload(self, name: str) -> None:
+    async def _unload(self, name: str, drain_timeout_s: float | None = None) -> None:
         versions = self.models.pop(name, {})
         for served in versions.values():
             self.metrics.model_ready.labels(name, str(served.version)).set(0)
@@ -146,14 +146,14 @@ class ModelRegistry:
                     UNLOAD_GRACE_S,
                 )
             if served.batcher is not None:
-                await served.batcher.stop()
+                await served.batcher.stop(drain_timeout_s)
             served.engine = served.batcher = None
 
     async def close(self) -> None:
-        """Unload everything (the app's shutdown)."""
+        """Unload everything (the app's shutdown): queued work gets ``drain_timeout_s``."""
         async with self._lock:
             for name in list(self.models):
-                await self._unload(name)
+                await self._unload(name, self.settings.drain_timeout_s)
 
     def resolve(self, name: str | None, version: int | None) -> ServedModel:
         """The ready model version a request asks for; raises 400/404/503 errors otherwise."""
@@ -230,7 +230,11 @@ class ModelRegistry:
         threads = ThreadSettings(s.intra_op_threads, s.inter_op_threads, s.allow_spinning)
         try:
             engine = await asyncio.to_thread(
-                Engine, served.path, providers=s.providers, threads=threads
+                Engine,
+                served.path,
+                providers=s.providers,
+                threads=threads,
+                require_gpu=s.require_gpu,
             )
             served.engine = engine
             served.reason = "warming up"
