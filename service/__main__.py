@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -18,7 +19,11 @@ import uvicorn
 
 from service import __version__
 from service.app import create_app
+from service.engine import cuda_missing
+from service.logs import configure_logging
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+
+log = logging.getLogger("service")
 
 ALIASES = {"models_dir": ["--models"]}
 
@@ -68,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"python -m service: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    print(banner(settings, set(flags)), flush=True)
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.log_format == "json":  # one JSON line, like every other line
+        log.info("%s", banner(settings, set(flags)))
+    else:
+        print(banner(settings, set(flags)), flush=True)
+    missing = cuda_missing(onnxruntime.get_available_providers())
+    if settings.require_gpu and missing is not None:
+        print(f"python -m service: require_gpu is on, but {missing}", file=sys.stderr)
+        return 2
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal; with this
     # handler in place the process then exits 0 instead of dying by the signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -82,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # service.logs configured every logger, uvicorn's included
         access_log=settings.access_log,
+        # SIGTERM: stop accepting, let requests in flight (and so everything queued)
+        # finish for up to this long, then shut the app down (the batchers drain too).
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
     )
     return 0
 

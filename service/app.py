@@ -15,13 +15,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service import __version__
+from service.auth import ApiKeyMiddleware, document_api_keys
 from service.errors import ServiceError, error_body
 from service.metrics import Metrics, MetricsMiddleware
+from service.middleware import (
+    CORS_EXPOSED_HEADERS,
+    CORS_REQUEST_HEADERS,
+    REQUEST_ID_HEADER,
+    LimitsMiddleware,
+    RequestContextMiddleware,
+)
 from service.registry import ModelRegistry
 from service.routes import embed, health, models, predict, v2
 from service.routes.deps import AppContext
@@ -66,6 +75,24 @@ def create_app(settings: Settings) -> FastAPI:
         title="resnet-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan
     )
     app.state.context = context
+    # Each add_middleware wraps the ones before it: metrics see every answer, the request
+    # ID is on all of them, CORS headers reach even a 401, and nothing unauthenticated is
+    # admitted or read.
+    app.add_middleware(LimitsMiddleware, settings=settings)
+    if settings.api_keys:
+        keys = [key.get_secret_value() for key in settings.api_keys]
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
+        document_api_keys(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=list(CORS_REQUEST_HEADERS),
+            expose_headers=list(CORS_EXPOSED_HEADERS),
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
@@ -75,6 +102,9 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (predict, embed, models, health, v2):
         app.include_router(module.router)
     return app
+
+
+_SHEDDING = frozenset({"overloaded", "deadline_exceeded", "shutting_down"})
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
@@ -89,8 +119,11 @@ def _error(request: Request, status: int, code: str, message: str, **kw: object)
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    # Shed load quietly: a line per 503/504 would cost the most when the service has the
+    # least to spare (the metrics count them by code).
+    level = logging.DEBUG if exc.code in _SHEDDING else logging.WARNING
     if exc.status >= 500:
-        log.warning("%s %s: %s %s", request.method, request.url.path, exc.code, exc.message)
+        log.log(level, "%s %s: %s %s", request.method, request.url.path, exc.code, exc.message)
     return _error(request, exc.status, exc.code, exc.message, headers=exc.headers or None)
 
 
@@ -115,4 +148,8 @@ async def _client_disconnect(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return _error(request, 500, "internal_error", "internal error; see the service log")
+    # Answered outside all middleware (Starlette's ServerErrorMiddleware): add the ID here.
+    headers = {REQUEST_ID_HEADER: getattr(request.state, "request_id", "-")}
+    return _error(
+        request, 500, "internal_error", "internal error; see the service log", headers=headers
+    )

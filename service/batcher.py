@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.errors import InferenceFailed, Overloaded, ShuttingDown
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class Pending:
     row: np.ndarray
     future: asyncio.Future[Outputs]
     enqueued: float = field(default=0.0)
+    deadline: float | None = None
+    """Loop time after which nobody waits for the result: dropped, never run."""
 
 
 def _set_result(future: asyncio.Future[Outputs], value: Outputs) -> None:
@@ -103,11 +105,14 @@ class Batcher:
                 self._loop(), name=f"batcher-{self.name}"
             )
 
-    def submit(self, rows: Sequence[np.ndarray]) -> list[asyncio.Future[Outputs]]:
+    def submit(
+        self, rows: Sequence[np.ndarray], *, deadline: float | None = None
+    ) -> list[asyncio.Future[Outputs]]:
         """Queue rows (all or none); each future resolves to that row's outputs.
 
         Raises ``ShuttingDown`` after :meth:`stop` and ``Overloaded`` when the rows do not
-        fit in the queue, so that a request is never half accepted.
+        fit in the queue, so that a request is never half accepted. Rows still queued at
+        ``deadline`` (event-loop time) fail with ``DeadlineExceeded`` instead of running.
         """
         if self._closing or self._task is None:
             raise ShuttingDown(f"model {self.name} is not accepting requests (shutting down)")
@@ -121,7 +126,7 @@ class Batcher:
         futures: list[asyncio.Future[Outputs]] = []
         for row in rows:
             future: asyncio.Future[Outputs] = loop.create_future()
-            self._queue.append(Pending(row, future, now))
+            self._queue.append(Pending(row, future, now, deadline))
             futures.append(future)
         self._wakeup.set()
         if self._observer is not None:
@@ -185,12 +190,24 @@ class Batcher:
         return len(self._queue) >= self.max_batch_size
 
     def _take(self) -> list[Pending]:
-        """Up to ``max_batch_size`` live items; cancelled ones are dropped on the way."""
+        """Up to ``max_batch_size`` live items; cancelled and expired ones are dropped."""
         batch: list[Pending] = []
+        now = asyncio.get_running_loop().time()
         while self._queue and len(batch) < self.max_batch_size:
             item = self._queue.popleft()
-            if not item.future.done():
-                batch.append(item)
+            if item.future.done():
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                waited = now - item.enqueued
+                _set_exception(
+                    item.future,
+                    DeadlineExceeded(
+                        f"the request's deadline passed after {waited:.3f} s in the queue of "
+                        f"model {self.name}; it was dropped before running"
+                    ),
+                )
+                continue
+            batch.append(item)
         if self._observer is not None:
             self._observer.queue_depth(len(self._queue))
         return batch

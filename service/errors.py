@@ -120,6 +120,23 @@ class ShuttingDown(ServiceError):
     code = "shutting_down"
 
 
+class DeadlineExceeded(ServiceError):
+    """The request could not finish before its deadline (``X-Request-Timeout``)."""
+
+    status = 504
+    code = "deadline_exceeded"
+
+
+class Unauthorized(ServiceError):
+    """API keys are configured and the request carries none of them."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="resnet-serve"'})
+
+
 class InferenceFailed(ServiceError):
     """The engine failed on the batch this request was part of."""
 

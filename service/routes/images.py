@@ -32,6 +32,7 @@ from service.errors import (
     ServiceError,
     UnsupportedMediaType,
 )
+from service.middleware import check_deadline, deadline_exceeded
 from service.preprocess import Preprocessor
 from service.registry import ServedModel
 from service.routes.deps import AppContext
@@ -179,6 +180,7 @@ async def run_files(
         raise PayloadTooLarge(
             f"{len(images)} images; at most {context.settings.max_images_per_request} per request"
         )
+    check_deadline(request, "before its images were decoded")
     start = time.perf_counter()
     rows = await preprocess(images, served.preprocessor, context.preprocess_pool)
     context.metrics.preprocess.labels(served.name).observe(time.perf_counter() - start)
@@ -192,17 +194,29 @@ def json_response(payload: object) -> Response:
 
 
 async def infer(request: Request, served: ServedModel, rows: Sequence[np.ndarray]) -> list[Outputs]:
-    """Each row's outputs, through the model's batcher; cancelled if the client leaves."""
+    """Each row's outputs, through the model's batcher; cancelled if the client leaves.
+
+    Past the request's deadline (``service.middleware``) the rows are cancelled, so the
+    batcher drops them unrun, and the request ends in a 504.
+    """
     if served.batcher is None:  # unloaded while this request was being decoded
         raise ModelNotReady(f"model {served.name!r} version {served.version} was unloaded")
-    futures = served.batcher.submit(rows)
+    deadline = check_deadline(request, "before its images were queued")
+    futures = served.batcher.submit(rows, deadline=deadline)
     watcher = asyncio.ensure_future(_disconnected(request.receive))
     # On disconnect, cancel the rows: the batcher drops them instead of running them.
     watcher.add_done_callback(lambda _: [f.cancel() for f in futures])
     try:
-        if len(futures) == 1:
-            return [await futures[0]]
-        return list(await asyncio.gather(*futures))
+        if deadline is None:
+            return list(await asyncio.gather(*futures))
+        timeout = deadline - asyncio.get_running_loop().time()
+        await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+        for future in futures:
+            if future.done() and (future.cancelled() or future.exception() is not None):
+                future.result()  # raises the first failure, in request order
+        if not all(future.done() for future in futures):
+            raise deadline_exceeded(request.scope, "while waiting for the model")
+        return [future.result() for future in futures]
     except asyncio.CancelledError:
         if watcher.done() and not watcher.cancelled():
             raise ClientDisconnected("the client left before its result was ready") from None
