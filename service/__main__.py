@@ -73,15 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"python -m service: {exc}", file=sys.stderr)
         return 2
+    missing = cuda_missing(onnxruntime.get_available_providers())
+    if settings.require_gpu and missing is not None:
+        print(f"python -m service: require_gpu is on, but {missing}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     if settings.log_format == "json":  # one JSON line, like every other line
         log.info("%s", banner(settings, set(flags)))
     else:
         print(banner(settings, set(flags)), flush=True)
-    missing = cuda_missing(onnxruntime.get_available_providers())
-    if settings.require_gpu and missing is not None:
-        print(f"python -m service: require_gpu is on, but {missing}", file=sys.stderr)
-        return 2
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal; with this
     # handler in place the process then exits 0 instead of dying by the signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
