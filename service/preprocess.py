@@ -125,7 +125,7 @@ class Preprocessor:
         try:
             image = Image.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError as exc:
-            raise _unsupported() from exc
+            raise _unsupported(data) from exc
         except Image.DecompressionBombError as exc:
             raise PayloadTooLarge(f"image too large: {exc}") from exc
         except Exception as exc:  # Pillow raises many types on hostile headers
@@ -206,7 +206,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise InvalidImage(f"images in Pillow mode {mode!r} cannot be converted to RGB") from exc
 
 
-def _unsupported() -> ServiceError:
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _unsupported(data: bytes) -> ServiceError:
+    """415 for data of no format we serve; 422 for a file of ours too broken to identify."""
+    fmt = next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        fmt = "WebP"
+    if fmt is not None:
+        return InvalidImage(
+            f"the data starts like a {fmt} file, but its header is corrupt or truncated"
+        )
     return UnsupportedImage(
         "the data is not an image format the service can read; "
         "send JPEG, PNG, WebP, GIF, BMP or TIFF"
