@@ -43,6 +43,11 @@ Image classification and embeddings with ResNets exported to ONNX, served by ONN
 with dynamic batching. Send an image as the raw body (`Content-Type: image/jpeg`, ...) or
 as multipart/form-data file parts named `file`. Errors come back as
 `{"error": {"code": "...", "message": "..."}}`.
+
+Request headers: `X-Request-ID` (echoed on the response and in the log lines; generated when
+absent), `X-Request-Timeout` (seconds; less than the server's limit shortens the deadline,
+504 past it) and, when the server has API keys, `Authorization: Bearer KEY` or
+`X-API-Key: KEY`. A 503 `overloaded` comes with `Retry-After`.
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
@@ -227,3 +228,31 @@ async def test_an_unhandled_error_is_a_json_500_with_the_request_id(
     failed = [r for r in records if r["message"] == "POST /predict failed"]
     assert failed and failed[0]["request_id"] == "r-500"
     assert "RuntimeError: planted bug" in failed[0]["exception"]
+
+
+SERVICE = Path(__file__).resolve().parents[2] / "service"
+# CLIs that speak to a local server on purpose; nothing a request reaches imports them.
+CLIENT_TOOLS = {"bench.py", "loadgen.py"}
+NEVER = {"pickle", "dill", "joblib", "shelve", "marshal", "urllib.request", "http.client"}
+NEVER |= {"requests", "httpx", "aiohttp", "urllib3", "torch"}
+
+
+def test_the_service_never_unpickles_or_fetches_urls() -> None:
+    """Static: no module a request can reach imports a deserializer of code or a URL client."""
+    found = []
+    for path in sorted(SERVICE.rglob("*.py")):
+        if path.name in CLIENT_TOOLS:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.keyword) and node.arg == "allow_pickle":
+                safe = isinstance(node.value, ast.Constant) and node.value.value is False
+                found += [] if safe else [f"{path.name}: allow_pickle not False"]
+            found += [f"{path.name}: imports {n}" for n in names if n in NEVER]
+    assert found == []
+    assert len(list(SERVICE.rglob("*.py"))) > 20  # the scan saw the package
