@@ -112,6 +112,20 @@ def _from_torchvision(root: Path) -> Dataset:
     )
 
 
+def read_files(source: str) -> list[tuple[str, bytes]]:
+    """(class name, file bytes) of every image in an ImageFolder directory or a tar of one,
+    ordered by class (stably, so that the split of ``stratified_split`` is reproducible)."""
+    path = Path(source)
+    if path.is_dir():
+        return _from_dir(path)
+    if path.is_file() and tarfile.is_tarfile(path):
+        return _from_tar(path)
+    raise FileNotFoundError(
+        f"--data {source!r} is neither an ImageFolder directory, a tar archive of one, "
+        "nor torchvision:cifar10"
+    )
+
+
 def load(
     source: str, *, size: int | None = None, limit: int | None = None, progress: bool = True
 ) -> Dataset:
@@ -126,17 +140,8 @@ def load(
             raise ValueError(f"only torchvision:cifar10 is supported, got {source!r}")
         ds = _from_torchvision(Path.home() / ".cache" / "torchvision")
         return ds if limit is None else ds.subset(torch.arange(min(limit, len(ds))))
-    path = Path(source)
-    if path.is_dir():
-        items = _from_dir(path)
-    elif path.is_file() and tarfile.is_tarfile(path):
-        items = _from_tar(path)
-    else:
-        raise FileNotFoundError(
-            f"--data {source!r} is neither an ImageFolder directory, a tar archive of one, "
-            "nor torchvision:cifar10"
-        )
-    return _assemble(items, size, limit, path.name, progress)
+    items = read_files(source)
+    return _assemble(items, size, limit, Path(source).name, progress)
 
 
 def stratified_split(
