@@ -184,8 +184,7 @@ class Settings(BaseSettings):
         providers = info.data.get("providers", ())
         if value and all(p in ("cpu", "CPUExecutionProvider") for p in providers):
             raise ValueError(
-                f"require_gpu is on but providers is {','.join(providers)!r}; "
-                "use 'auto' or 'cuda'"
+                f"require_gpu is on but providers is {','.join(providers)!r}; use 'auto' or 'cuda'"
             )
         return value
 
