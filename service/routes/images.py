@@ -166,8 +166,10 @@ async def preprocess(
 
 
 async def run_images(request: Request, served: ServedModel, context: AppContext) -> list[Outputs]:
-    """Steps 1-3 for one request."""
-    return await run_files(request, served, context, await read_images(request, context.settings))
+    """Steps 1-3 for one request, in flight on its model (unloading waits for it)."""
+    with served.in_flight():
+        images = await read_images(request, context.settings)
+        return await run_files(request, served, context, images)
 
 
 async def run_files(
