@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from export import data, train
+from export import data, evaluate, train
 from service.metadata import ModelCard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def data_source(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small ImageFolder: real CIFAR-10 JPEGs from the shared tarball where it exists,
     generated images (one mean colour per class, something to learn) where it does not."""
     root = tmp_path_factory.mktemp("imagefolder")
-    per_class = 15
+    per_class = 30
     if CIFAR_TAR.exists():
         taken: dict[str, int] = {}
         with tarfile.open(CIFAR_TAR) as tar:
@@ -59,12 +59,13 @@ def _args(source: str, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_smoke_train_then_export(data_source: str, tmp_path: Path) -> None:
+def test_smoke_train_then_export(
+    data_source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """One epoch on a few hundred images writes every artefact, and the export accepts it."""
     run = tmp_path / "run"
-    source = str(CIFAR_TAR) if CIFAR_TAR.exists() else data_source
     argv = [
-        "--data", source, "--out", str(run), "--limit", "300", "--epochs", "1",
+        "--data", data_source, "--out", str(run), "--val-per-class", "5", "--epochs", "1",
         "--no-progress", "--threads", "2",
     ]  # fmt: skip
     assert train.main(argv) == 0
@@ -97,6 +98,15 @@ def test_smoke_train_then_export(data_source: str, tmp_path: Path) -> None:
     assert card.preprocessing.mean == pytest.approx(ckpt["mean"])
     assert card.preprocessing.std == pytest.approx(ckpt["std"])
     assert card.provenance.trained is True
+
+    # The exported file, fed the held-out images' bytes through the service's preprocessing,
+    # scores exactly what PyTorch scored on them during training.
+    capsys.readouterr()
+    model = models / "smoke" / "1" / "model.onnx"
+    argv = [str(model), "--data", data_source, "--val-per-class", "5"]
+    assert evaluate.main(argv) == 0
+    correct = round(ckpt["val_acc"] * 50)
+    assert f"{correct}/50 = {2 * correct:.2f}% top-1" in capsys.readouterr().out
 
 
 def test_resume_repeats_the_run_exactly(
