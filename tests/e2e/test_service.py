@@ -13,6 +13,8 @@ import pytest
 from e2e_server import BATCHED, Server, metric, wait_for
 from PIL import Image
 
+from export.labels import CIFAR10_CLASSES
+
 
 def _png() -> bytes:
     buffer = io.BytesIO()
@@ -20,18 +22,7 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
-CIFAR_LABELS = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
+CIFAR_LABELS = list(CIFAR10_CLASSES)
 
 
 def test_readyz_is_503_until_the_model_is_loaded_and_warm(

@@ -17,13 +17,12 @@ import torch
 from PIL import Image
 
 from export import data, evaluate, train
+from export.labels import CIFAR10_CLASSES
 from service.metadata import ModelCard
 
 ROOT = Path(__file__).resolve().parents[2]
 CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar.gz"
-CIFAR_CLASSES = (
-    "airplane automobile bird cat deer dog frog horse ship truck".split()  # noqa: SIM905
-)
+CIFAR_CLASSES = CIFAR10_CLASSES
 
 
 @pytest.fixture(scope="module")

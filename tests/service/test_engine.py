@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from export.labels import CIFAR10_CLASSES
 from service.engine import (
     CPU,
     CUDA,
@@ -23,18 +24,7 @@ from service.engine import (
     warmup_sizes,
 )
 
-CIFAR_LABELS = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+CIFAR_LABELS = CIFAR10_CLASSES
 
 
 @pytest.fixture(scope="module")

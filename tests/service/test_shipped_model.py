@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from export.labels import CIFAR10_CLASSES
 from service.metadata import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, ModelCard
 from service.preprocess import Preprocessor
 
@@ -19,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "cifar10-resnet20" / "1" / "model.onnx"
 VAL_IMAGES = ROOT / "tests" / "fixtures" / "cifar10-val"
 EXPECTED_CORRECT = 43
-CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def card(session: ort.InferenceSession) -> ModelCard:
 
 
 def test_carries_labels_preprocessing_and_provenance(card: ModelCard) -> None:
-    assert card.labels == CIFAR10
+    assert card.labels == CIFAR10_CLASSES
     pre = card.preprocessing
     assert (pre.resize, pre.crop, pre.interpolation, pre.channel_order) == (
         32,
