@@ -173,3 +173,22 @@ def test_the_settings_table_matches_the_settings() -> None:
         "README.md's settings table is out of date: run python tests/deploy/readme_tables.py"
     )
     assert "| `--max-batch-size` | `RESNET_SERVE_MAX_BATCH_SIZE` | `32` |" in text
+
+
+def test_readme_python_example_runs_as_written(live_server: LiveServer, workdir: Path) -> None:
+    """The tritonclient snippet prints what its comments say it prints."""
+    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 1
+    script = blocks[0].replace("localhost:8000", f"localhost:{live_server.port}")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=workdir, capture_output=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    printed = result.stdout.decode().splitlines()
+    assert len(printed) == 3
+    classes = re.findall(r"b'([0-9.]+):(\d+):(\w+)'", printed[0])
+    assert len(classes) == 3 and classes[0][2] == "cat"  # the README's image is a cat
+    assert [float(score) for score, _, _ in classes] == sorted(
+        (float(score) for score, _, _ in classes), reverse=True
+    )
+    assert printed[1:] == ["(1, 64)", "(8, 10)"]
