@@ -125,7 +125,7 @@ def export_model(
             opset=onnx_export.graph_opset(proto),
             exporter_version=onnx_export.exporter_name(),
             torch_version=torch.__version__,
-            exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            exported_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         ),
     )
 

@@ -140,7 +140,7 @@ class Batcher:
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("batcher %s: drain timed out, failing the rest", self.name)
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -178,7 +178,7 @@ class Batcher:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
     def _full(self) -> bool:

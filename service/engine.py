@@ -1,8 +1,10 @@
 """One ONNX Runtime session for one model file, and the checks that it fits the contract.
 
 The engine runs a whole batch: float32 [N, 3, H, W] in, and ``logits`` [N, C],
-``probabilities`` [N, C] (softmax, computed here in the same executor thread) and
-``embedding`` [N, D] out. It knows nothing about HTTP or queues.
+``probabilities`` [N, C] (softmax), ``ranking`` [N, C] (class indices, most probable
+first) and ``embedding`` [N, D] out. Softmax and ranking are computed here, once per
+batch in the engine's thread, rather than per request on the event loop. The engine
+knows nothing about HTTP or queues.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from service.settings import PROVIDER_ALIASES
 log = logging.getLogger(__name__)
 
 PROBABILITIES_NAME = "probabilities"
+RANKING_NAME = "ranking"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -109,6 +112,9 @@ class Engine:
         spin = "1" if threads.allow_spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        # Spin between the operators of a run (a parked thread is slow to wake), never
+        # between runs: idle cores are left to decoding and the event loop.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         available = ort.get_available_providers()
         wanted = resolve_providers(providers, available)
         try:
@@ -167,11 +173,14 @@ class Engine:
         return self.card.num_classes, dim
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """float32 [N, 3, H, W] -> logits, probabilities and embedding, one row each per input."""
+        """float32 [N, 3, H, W] -> logits, probabilities, ranking and embedding, a row per input."""
         logits, embedding = self.session.run([LOGITS_NAME, EMBEDDING_NAME], {INPUT_NAME: batch})
+        probabilities = softmax(logits.copy())
         return {
             LOGITS_NAME: logits,
-            PROBABILITIES_NAME: softmax(logits.copy()),
+            PROBABILITIES_NAME: probabilities,
+            # Stable: equal scores keep the lower class index first.
+            RANKING_NAME: np.argsort(-probabilities, axis=1, kind="stable"),
             EMBEDDING_NAME: embedding,
         }
 

@@ -81,7 +81,7 @@ async def _connection(
                     length = int(line[15:])
             await reader.readexactly(length)
             done = time.perf_counter()
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
             result.failures += 1
             if conn is not None:
                 conn[1].close()

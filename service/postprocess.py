@@ -7,17 +7,24 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def top_predictions(scores: np.ndarray, k: int, labels: Sequence[str]) -> list[dict[str, object]]:
+def top_predictions(
+    scores: np.ndarray, k: int, labels: Sequence[str], ranking: np.ndarray | None = None
+) -> list[dict[str, object]]:
     """The k best classes of one row of scores (probabilities or logits), best first.
 
     Returns ``{"index", "label", "score"}`` dicts; equal scores keep the lower index first.
+    ``ranking`` is the row's class indices already sorted that way (the engine's
+    ``ranking`` output), which saves sorting here.
     """
-    if k < scores.shape[0]:
-        candidates = np.argpartition(scores, -k)[-k:]
-        candidates.sort()
+    if ranking is not None:
+        order = ranking[:k]
     else:
-        candidates = np.arange(scores.shape[0])
-    order = candidates[np.argsort(-scores[candidates], kind="stable")]
+        if k < scores.shape[0]:
+            candidates = np.argpartition(scores, -k)[-k:]
+            candidates.sort()
+        else:
+            candidates = np.arange(scores.shape[0])
+        order = candidates[np.argsort(-scores[candidates], kind="stable")]
     values = scores[order].tolist()
     return [
         {"index": index, "label": labels[index], "score": value}

@@ -32,7 +32,7 @@ UNLOAD_GRACE_S = 30.0
 """How long unloading waits for a model's requests in flight before failing the rest."""
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
@@ -137,7 +137,7 @@ class ModelRegistry:
             self.metrics.model_ready.labels(name, str(served.version)).set(0)
             try:
                 await asyncio.wait_for(served.idle.wait(), UNLOAD_GRACE_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning(
                     "%s v%d: %d requests still in flight after %.0f s; unloading anyway",
                     name,

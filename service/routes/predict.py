@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from service.engine import PROBABILITIES_NAME
+from service.engine import PROBABILITIES_NAME, RANKING_NAME
 from service.errors import InvalidParameter
 from service.postprocess import top_predictions
 from service.routes.deps import Context, ModelName, ModelVersion
@@ -41,6 +41,7 @@ async def predict(
         )
     outputs = await run_images(request, served, context)
     results = [
-        {"predictions": top_predictions(out[PROBABILITIES_NAME], top_k, labels)} for out in outputs
+        {"predictions": top_predictions(out[PROBABILITIES_NAME], top_k, labels, out[RANKING_NAME])}
+        for out in outputs
     ]
     return json_response({"model": served.name, "version": served.version, "results": results})

@@ -48,7 +48,7 @@ def test_provenance_describes_the_export(trained_r20_export: ExportResult) -> No
     assert p.exporter_version.startswith("torch.onnx dynamo (torch ")
     assert "onnxscript" in p.exporter_version
     exported = dt.datetime.fromisoformat(p.exported_at)
-    assert abs(dt.datetime.now(dt.timezone.utc) - exported) < dt.timedelta(hours=1)
+    assert abs(dt.datetime.now(dt.UTC) - exported) < dt.timedelta(hours=1)
     assert len(p.checkpoint_sha256 or "") == 64
 
 

@@ -23,6 +23,7 @@ from service.engine import (
     softmax,
     warmup_sizes,
 )
+from service.postprocess import top_predictions
 
 CIFAR_LABELS = CIFAR10_CLASSES
 
@@ -50,6 +51,28 @@ def test_run_equals_onnxruntime_and_adds_softmax(engine: Engine, cifar_model_fil
     expected /= expected.sum(1, keepdims=True)
     np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["probabilities"].sum(1), np.ones(5), atol=1e-6)
+
+
+def test_ranking_orders_classes_by_probability(engine: Engine) -> None:
+    batch = np.random.default_rng(3).standard_normal((6, 3, 32, 32), dtype=np.float32)
+    out = engine.run(batch)
+    ranking, probabilities = out["ranking"], out["probabilities"]
+    assert ranking.shape == (6, 10)
+    for row, order in zip(probabilities, ranking, strict=True):
+        assert sorted(order.tolist()) == list(range(10))  # a permutation of the classes
+        assert np.all(np.diff(row[order]) <= 0)  # most probable first
+        for k in (1, 3, 10):  # the same answer as sorting the scores per request
+            assert top_predictions(row, k, CIFAR_LABELS, order) == top_predictions(
+                row, k, CIFAR_LABELS
+            )
+
+
+def test_top_predictions_break_ties_by_lower_index() -> None:
+    scores = np.array([0.1, 0.3, 0.3, 0.2, 0.1], dtype=np.float32)
+    labels = ["a", "b", "c", "d", "e"]
+    assert [p["index"] for p in top_predictions(scores, 5, labels)] == [1, 2, 3, 0, 4]
+    ranking = np.argsort(-scores, kind="stable")
+    assert top_predictions(scores, 2, labels, ranking) == top_predictions(scores, 2, labels)
 
 
 def test_run_rows_stacks_rows(engine: Engine) -> None:
