@@ -59,7 +59,8 @@ class Settings(BaseSettings):
         le=10_000.0,
         description="How long a batch waits for more images, from its first image's arrival. "
         "0 runs whatever is queued as soon as the engine is free (batches still form under "
-        "load, while the engine is busy); a few ms helps on a GPU.",
+        "load, while the engine is busy), and a lone image in the thread that decoded it; "
+        "a few ms helps on a GPU.",
     )
     max_queue_size: int = Field(
         default=1024,

@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import Receive
 
-from service.batcher import Outputs
+from service.batcher import Batcher, Outputs
 from service.errors import (
     BadRequest,
     ClientDisconnected,
@@ -149,8 +149,6 @@ async def preprocess(
 ) -> list[np.ndarray]:
     """Decode and transform every image in the pool; the first bad one fails the request."""
     loop = asyncio.get_running_loop()
-    if len(images) == 1:
-        return [await loop.run_in_executor(pool, preprocessor, images[0][1])]
     results = await asyncio.gather(
         *(loop.run_in_executor(pool, preprocessor, data) for _, data in images),
         return_exceptions=True,
@@ -183,11 +181,41 @@ async def run_files(
             f"{len(images)} images; at most {context.settings.max_images_per_request} per request"
         )
     check_deadline(request, "before its images were decoded")
+    batcher = served.batcher
+    if batcher is None:  # unloaded while this request was being read
+        raise ModelNotReady(f"model {served.name!r} version {served.version} was unloaded")
     start = time.perf_counter()
-    rows = await preprocess(images, served.preprocessor, context.preprocess_pool)
-    context.metrics.preprocess.labels(served.name).observe(time.perf_counter() - start)
+    ran_alone: Outputs | None = None
+    batcher.decoding += 1
+    try:
+        if len(images) == 1:  # decoded, and run at once if it is alone (Batcher.run_alone)
+            row, ran_alone, run_seconds = await asyncio.get_running_loop().run_in_executor(
+                context.preprocess_pool, _decode_and_run_alone, served.preprocessor, batcher, images
+            )
+            rows = [row]
+        else:
+            rows, run_seconds = (
+                await preprocess(images, served.preprocessor, context.preprocess_pool),
+                0.0,
+            )
+    finally:
+        batcher.decoding -= 1
+    decode_seconds = time.perf_counter() - start - run_seconds
+    context.metrics.preprocess.labels(served.name).observe(decode_seconds)
     context.metrics.images.labels(served.name).inc(len(rows))
+    if ran_alone is not None:
+        return [ran_alone]
     return await infer(request, served, rows)
+
+
+def _decode_and_run_alone(
+    preprocessor: Preprocessor, batcher: Batcher, images: Sequence[Image]
+) -> tuple[np.ndarray, Outputs | None, float]:
+    """(the row, its outputs if it ran alone or None, seconds running it), in a pool thread."""
+    row = preprocessor(images[0][1])
+    start = time.perf_counter()
+    outputs = batcher.run_alone(row)
+    return row, outputs, (time.perf_counter() - start) if outputs is not None else 0.0
 
 
 def json_response(payload: object) -> Response:

@@ -101,6 +101,68 @@ async def test_items_queued_while_the_engine_is_busy_form_the_next_batch(gated: 
     assert gated.batches == [[1.0], [2.0, 3.0, 4.0, 5.0], [6.0]]
 
 
+async def test_a_lone_row_runs_at_once_in_the_calling_thread(gated: GatedRun) -> None:
+    metrics = Metrics()
+    batcher = make(gated)
+    batcher._observer = metrics.batch_observer("test", 1)
+    batcher.decoding = 1  # only the caller's own request is being decoded
+    gated.gate.set()
+    outputs = await asyncio.to_thread(batcher.run_alone, row(3))
+    assert outputs is not None and float(outputs["double"][0]) == 6.0
+    assert gated.batches == [[3.0]] and batcher.depth == 0
+    assert (
+        metrics.registry.get_sample_value(
+            "resnet_serve_batch_size_count", {"model": "test", "version": "1"}
+        )
+        == 1.0
+    )
+    await batcher.stop()
+
+
+async def test_a_row_is_not_alone_when_others_are_pending(gated: GatedRun) -> None:
+    batcher = make(gated)
+    batcher.decoding = 2  # another request is being decoded: it may join a batch
+    assert batcher.run_alone(row(1)) is None
+    batcher.decoding = 1
+    running = batcher.submit([row(1)])
+    assert await gated.next_batch() == [1.0]  # a batch is running (and holds the engine)
+    assert batcher.run_alone(row(2)) is None
+    queued = batcher.submit([row(3)])  # and one is queued
+    assert batcher.run_alone(row(4)) is None
+    gated.gate.set()
+    assert await results(running + queued) == [2.0, 6.0]
+    assert gated.batches == [[1.0], [3.0]]
+    delayed = make(gated, max_delay_s=0.01)  # a configured delay always takes the queue
+    assert delayed.run_alone(row(5)) is None
+    await delayed.stop()
+    await batcher.stop()
+    assert batcher.run_alone(row(6)) is None  # stopped
+
+
+async def test_a_batch_waits_for_a_lone_run_holding_the_engine(gated: GatedRun) -> None:
+    batcher = make(gated)
+    lone = asyncio.ensure_future(asyncio.to_thread(batcher.run_alone, row(1)))
+    assert await gated.next_batch() == [1.0]  # running alone, blocked on the gate
+    queued = batcher.submit([row(2)])
+    await asyncio.sleep(0.05)
+    assert gated.batches == [[1.0]]  # the batch did not start beside it
+    gated.gate.set()
+    outputs = await asyncio.wait_for(lone, TIMEOUT)
+    assert outputs is not None and float(outputs["double"][0]) == 2.0
+    assert await results(queued) == [4.0]
+    assert gated.batches == [[1.0], [2.0]]
+    await batcher.stop()
+
+
+async def test_a_lone_run_that_fails_raises_inference_failed(gated: GatedRun) -> None:
+    batcher = make(gated)
+    gated.gate.set()
+    with pytest.raises(InferenceFailed, match="batch of 1: negative input"):
+        await asyncio.to_thread(batcher.run_alone, row(-1))
+    assert await results(batcher.submit([row(2)])) == [4.0]  # the engine is free again
+    await batcher.stop()
+
+
 async def test_request_with_several_images_spans_batches_in_order(gated: GatedRun) -> None:
     batcher = make(gated, max_batch_size=2)
     gated.gate.set()

@@ -1,0 +1,36 @@
+"""``python -m service.bench`` end to end: it starts a server, loads it and prints its figures.
+
+Only that the command works and reports what it measured: the figures themselves are for
+a quiet machine (README, Benchmarks), not for assertions in a shared CI runner.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures/cifar10-val"
+
+
+def test_bench_reports_ceiling_http_figures_and_ratio(cifar_model_file: Path) -> None:
+    repository = cifar_model_file.parents[2]  # <repo>/<name>/<version>/model.onnx
+    command = [sys.executable, "-m", "service.bench", "--models", str(repository)]
+    command += ["--images", str(FIXTURES), "--count", "16", "--concurrency", "8"]
+    command += ["--duration", "1", "--warmup", "0.2", "--lone-seconds", "0.5"]
+    command += ["--inprocess-seconds", "0.05"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "16 images from" in out
+    for size in (1, 2, 4, 8, 16, 32):  # every batch size up to the default max_batch_size
+        assert re.search(rf"in-process batch +{size}: +[\d.]+ img/s", out), out
+    lone = re.search(r"HTTP lone request +: +([\d.]+) img/s .* ok (\d+) +errors (\d+)", out)
+    loaded = re.search(r"HTTP concurrency +8: +([\d.]+) img/s .* ok (\d+) +errors (\d+)", out)
+    assert lone and loaded, out
+    for match in (lone, loaded):
+        assert float(match.group(1)) > 0 and int(match.group(2)) > 0 and match.group(3) == "0"
+    ratio = re.search(r"ratio HTTP / in-process: ([\d.]+)", out)
+    assert ratio and float(ratio.group(1)) > 0, out
+    assert re.search(r"lone request p50 - in-process batch-1 p50: [+-][\d.]+ ms", out), out
