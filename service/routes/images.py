@@ -5,7 +5,8 @@
 2. :func:`preprocess` decodes and transforms them in the preprocessing thread pool, so a
    bad image fails its own request before anything is queued.
 3. :func:`infer` queues the rows on the model's batcher and waits for their outputs; if
-   the client disconnects first, the rows are cancelled and the batcher drops them.
+   the client disconnects first, the rows are cancelled and the batcher drops them. A lone
+   image skips this step: the thread that decoded it runs it (``Batcher.run_alone``).
 """
 
 from __future__ import annotations
