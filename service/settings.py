@@ -75,8 +75,9 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(default=1, ge=0, description="ONNX Runtime inter-op threads.")
     allow_spinning: bool = Field(
         default=False,
-        description="Let ONNX Runtime's idle threads spin: lower latency for a dedicated "
-        "engine, but they steal the CPU that HTTP and decoding need.",
+        description="Let ONNX Runtime's threads spin between the operators of a run (never "
+        "between runs): a faster run alone, but under load they take the CPU that HTTP and "
+        "decoding need.",
     )
     preprocess_threads: int = Field(
         default=0, ge=0, description="Threads decoding and preprocessing images (0: one per CPU)."
