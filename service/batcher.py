@@ -145,15 +145,18 @@ class Batcher:
             self._observer.queue_depth(len(self._queue))
         return futures
 
-    def run_alone(self, row: np.ndarray) -> Outputs | None:
+    def run_alone(self, row: np.ndarray, *, expires: float | None = None) -> Outputs | None:
         """Run one row now in the calling thread if it is alone, else None (use :meth:`submit`).
 
         Alone: no delay is configured, nothing is queued, no batch is running and the
-        caller's request is the only one being decoded. Thread-safe; meant for the
-        preprocessing thread that has just decoded the row.
+        caller's request is the only one being decoded. Past ``expires`` (``time.monotonic``)
+        it is not run either: :meth:`submit`'s caller answers the missed deadline. Thread-safe;
+        meant for the preprocessing thread that has just decoded the row.
         """
         alone = self.max_delay_s == 0 and not self._queue and self.decoding <= 1
-        if not alone or self._closing or not self._engine.acquire(blocking=False):
+        if not alone or self._closing or (expires is not None and time.monotonic() >= expires):
+            return None
+        if not self._engine.acquire(blocking=False):
             return None
         try:
             start = time.perf_counter()

@@ -181,7 +181,10 @@ async def run_files(
         raise PayloadTooLarge(
             f"{len(images)} images; at most {context.settings.max_images_per_request} per request"
         )
-    check_deadline(request, "before its images were decoded")
+    deadline = check_deadline(request, "before its images were decoded")
+    loop = asyncio.get_running_loop()
+    # The same deadline on the clock of the preprocessing threads.
+    expires = None if deadline is None else time.monotonic() + (deadline - loop.time())
     batcher = served.batcher
     if batcher is None:  # unloaded while this request was being read
         raise ModelNotReady(f"model {served.name!r} version {served.version} was unloaded")
@@ -190,8 +193,13 @@ async def run_files(
     batcher.decoding += 1
     try:
         if len(images) == 1:  # decoded, and run at once if it is alone (Batcher.run_alone)
-            row, ran_alone, run_seconds = await asyncio.get_running_loop().run_in_executor(
-                context.preprocess_pool, _decode_and_run_alone, served.preprocessor, batcher, images
+            row, ran_alone, run_seconds = await loop.run_in_executor(
+                context.preprocess_pool,
+                _decode_and_run_alone,
+                served.preprocessor,
+                batcher,
+                images[0][1],
+                expires,
             )
             rows = [row]
         else:
@@ -210,12 +218,12 @@ async def run_files(
 
 
 def _decode_and_run_alone(
-    preprocessor: Preprocessor, batcher: Batcher, images: Sequence[Image]
+    preprocessor: Preprocessor, batcher: Batcher, data: bytes, expires: float | None
 ) -> tuple[np.ndarray, Outputs | None, float]:
     """(the row, its outputs if it ran alone or None, seconds running it), in a pool thread."""
-    row = preprocessor(images[0][1])
+    row = preprocessor(data)
     start = time.perf_counter()
-    outputs = batcher.run_alone(row)
+    outputs = batcher.run_alone(row, expires=expires)
     return row, outputs, (time.perf_counter() - start) if outputs is not None else 0.0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
@@ -132,6 +133,7 @@ async def test_a_row_is_not_alone_when_others_are_pending(gated: GatedRun) -> No
     gated.gate.set()
     assert await results(running + queued) == [2.0, 6.0]
     assert gated.batches == [[1.0], [3.0]]
+    assert batcher.run_alone(row(7), expires=time.monotonic() - 1) is None  # deadline passed
     delayed = make(gated, max_delay_s=0.01)  # a configured delay always takes the queue
     assert delayed.run_alone(row(5)) is None
     await delayed.stop()
