@@ -165,8 +165,7 @@ class Batcher:
         except InferenceFailed:
             raise
         except Exception as exc:
-            log.exception("batcher %s: engine failed on a lone image", self.name)
-            raise InferenceFailed(f"inference failed on a batch of 1: {exc}") from exc
+            raise self._engine_failed(exc, 1) from exc
         finally:
             self._engine.release()
         (result,) = _split(outputs, 1, self.name)
@@ -271,13 +270,17 @@ class Batcher:
             for item in batch:
                 _set_exception(item.future, exc)
         except Exception as exc:
-            log.exception("batcher %s: engine failed on a batch of %d", self.name, len(batch))
-            failed = InferenceFailed(f"inference failed on a batch of {len(batch)}: {exc}")
+            failed = self._engine_failed(exc, len(batch))
             for item in batch:
                 _set_exception(item.future, failed)
         finally:  # cancellation (shutdown) included: no future may be left pending
             for item in batch:
                 _set_exception(item.future, ShuttingDown("the service shut down mid-batch"))
+
+    def _engine_failed(self, exc: Exception, size: int) -> InferenceFailed:
+        """The error for every image of a batch whose run raised ``exc`` (logged here)."""
+        log.exception("batcher %s: engine failed on a batch of %d", self.name, size)
+        return InferenceFailed(f"inference failed on a batch of {size}: {exc}")
 
     def _run_locked(self, rows: Sequence[np.ndarray]) -> Outputs:
         with self._engine:

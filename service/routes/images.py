@@ -190,6 +190,7 @@ async def run_files(
         raise ModelNotReady(f"model {served.name!r} version {served.version} was unloaded")
     start = time.perf_counter()
     ran_alone: Outputs | None = None
+    run_seconds = 0.0
     batcher.decoding += 1
     try:
         if len(images) == 1:  # decoded, and run at once if it is alone (Batcher.run_alone)
@@ -203,10 +204,7 @@ async def run_files(
             )
             rows = [row]
         else:
-            rows, run_seconds = (
-                await preprocess(images, served.preprocessor, context.preprocess_pool),
-                0.0,
-            )
+            rows = await preprocess(images, served.preprocessor, context.preprocess_pool)
     finally:
         batcher.decoding -= 1
     decode_seconds = time.perf_counter() - start - run_seconds
