@@ -5,13 +5,16 @@ horizontal flip, per-channel normalization, He initialization, SGD with momentum
 weight decay 1e-4, batch 128, learning rate 0.1 divided by 10 at 32k and 48k iterations
 and stopped at 64k (about 182 epochs). ``--schedule step`` reproduces that, scaled to
 ``--epochs``. The default ``onecycle`` (linear warm-up, cosine decay; Smith & Topin 2017)
-reaches the paper's accuracy in a fraction of the epochs, which is what two CPU cores
-can afford.
+gets most of the way in a fraction of the epochs, which is what two CPU cores can afford;
+``--init`` runs another cycle from an earlier run's weights (a warm restart, as in SGDR,
+Loshchilov & Hutter 2017) when there is time for more.
 
 Example::
 
     python -m export.train --arch cifar-resnet20 \\
         --data ../shared/datasets/cifar10-train.tar.gz --epochs 40 --out runs/r20
+    python -m export.train --arch cifar-resnet20 --init runs/r20/best.pt --lr 0.1 \\
+        --data ../shared/datasets/cifar10-train.tar.gz --epochs 40 --out runs/r20-more
 
 Writes ``last.pt`` (every epoch, for ``--resume``), ``best.pt`` (best validation
 accuracy), ``metrics.csv`` and ``curve.png`` to ``--out``. Both checkpoints are plain
@@ -95,6 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch intra-op threads (default: all cores)"
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this checkpoint's weights (best.pt or last.pt of an earlier run of"
+        " the same --arch and split) with a fresh optimizer and schedule: a warm restart",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -234,6 +244,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     start_epoch, best_acc = 1, -1.0
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
+    if args.init and not args.resume:
+        state = torch.load(args.init, weights_only=True)
+        if state["arch"] != args.arch or state["classes"] != list(ds.classes):
+            raise ValueError(
+                f"--init: {args.init} is a {state['arch']} over {state['classes']},"
+                f" not a {args.arch} over {list(ds.classes)}"
+            )
+        model.load_state_dict(state["model"])
+        log.info(
+            "weights from %s (epoch %d, val_acc %.4f)", args.init, state["epoch"], state["val_acc"]
+        )
     if args.resume:
         if not last_path.exists():
             raise FileNotFoundError(f"--resume: {last_path} does not exist")

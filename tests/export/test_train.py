@@ -142,6 +142,31 @@ def test_resume_without_checkpoint_fails_clearly(data_source: str, tmp_path: Pat
     assert train.main(_args(data_source, tmp_path / "none", "--epochs", "1", "--resume")) == 2
 
 
+def test_init_starts_from_a_checkpoints_weights(data_source: str, tmp_path: Path) -> None:
+    """--init: the earlier run's weights, a fresh schedule (a warm restart); wrong arch -> 2."""
+    first, restart = tmp_path / "first", tmp_path / "restart"
+    assert train.main(_args(data_source, first, "--epochs", "1")) == 0
+    init = first / "best.pt"
+    # A learning rate of ~0 leaves the weights where --init put them (BN statistics still
+    # move: they are not trained by the optimizer).
+    assert (
+        train.main(
+            _args(data_source, restart, "--epochs", "1", "--lr", "1e-12", "--init", str(init))
+        )
+        == 0
+    )
+    before = torch.load(init, weights_only=True)["model"]
+    after = torch.load(restart / "last.pt", weights_only=True)
+    assert after["epoch"] == 1 and len(after["history"]) == 1
+    weights = [k for k in before if k.endswith(".weight")]
+    assert weights
+    for key in weights:
+        torch.testing.assert_close(after["model"][key], before[key], rtol=0, atol=1e-9, msg=key)
+
+    wrong = _args(data_source, tmp_path / "wrong", "--epochs", "1", "--init", str(init))
+    assert train.main([*wrong, "--arch", "cifar-resnet32"]) == 2
+
+
 def test_augment_crops_flips_and_normalizes() -> None:
     """Each output is a 32x32 window of the zero-padded image, maybe mirrored, normalized."""
     images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8)
