@@ -1,12 +1,14 @@
-"""What route handlers need from the app, as ``Annotated`` dependencies."""
+"""What route handlers need from the app: its long-lived parts and their query parameters."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, Self
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.metrics import Metrics
 from service.registry import ModelRegistry
@@ -23,15 +25,52 @@ class AppContext:
     preprocess_pool: ThreadPoolExecutor
 
 
-async def get_context(request: Request) -> AppContext:
-    # async: FastAPI would run a plain function in a worker thread, a thread hop per request.
+def context_of(request: Request) -> AppContext:
     context: AppContext = request.app.state.context
     return context
 
 
+async def get_context(request: Request) -> AppContext:
+    # async: FastAPI would run a plain function in a worker thread, a thread hop per request.
+    return context_of(request)
+
+
 Context = Annotated[AppContext, Depends(get_context)]
-ModelName = Annotated[
-    str | None,
-    Query(description="Model name (default: the configured default model, or the only one)."),
-]
-ModelVersion = Annotated[int | None, Query(ge=1, description="Model version (default: latest).")]
+
+
+class QueryParams(BaseModel):
+    """Query parameters that an inference route validates itself, in one pydantic call.
+
+    FastAPI's per-parameter dependency machinery costs about 0.2 ms of event-loop time per
+    request here, a sixth of all the loop does for a /predict; the hot routes take only the
+    ``Request`` and call :meth:`parse`. Errors are FastAPI's (a ``RequestValidationError``,
+    answered 422 as for every other route) and :meth:`openapi` documents the parameters.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str | None = Field(
+        None, description="Model name (default: the configured default model, or the only one)."
+    )
+    version: int | None = Field(None, ge=1, description="Model version (default: latest).")
+
+    @classmethod
+    def parse(cls, request: Request) -> Self:
+        try:
+            return cls.model_validate(dict(request.query_params))
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False)]
+            raise RequestValidationError(errors) from None
+
+    @classmethod
+    def openapi(cls) -> list[dict[str, Any]]:
+        """The OpenAPI ``parameters`` of these fields."""
+        parameters = []
+        for name, schema in cls.model_json_schema()["properties"].items():
+            description = schema.pop("description", "")
+            schema.pop("title", None)
+            parameters.append(
+                {"name": name, "in": "query", "required": False, "description": description}
+                | {"schema": schema}
+            )
+        return parameters

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import io
-from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
+from pydantic import Field
 
 from service.metadata import EMBEDDING_NAME
 from service.postprocess import l2_normalize
-from service.routes.deps import Context, ModelName, ModelVersion
+from service.routes.deps import QueryParams, context_of
 from service.routes.images import REQUEST_BODY, json_response, run_images
 from service.schemas import ERROR_RESPONSES, EmbedResponse
 
 router = APIRouter(tags=["inference"])
 
 NPY = "application/x-npy"
+
+
+class EmbedParams(QueryParams):
+    normalize: bool = Field(False, description="Return L2-normalized vectors.")
+
+
 _RESPONSES: dict[int | str, dict[str, object]] = {
     **ERROR_RESPONSES,
     200: {
@@ -30,22 +36,17 @@ _RESPONSES: dict[int | str, dict[str, object]] = {
     "/embed",
     response_model=EmbedResponse,
     responses=_RESPONSES,
-    openapi_extra=REQUEST_BODY,
+    openapi_extra={**REQUEST_BODY, "parameters": EmbedParams.openapi()},
     summary="Embed one or more images",
 )
-async def embed(
-    request: Request,
-    context: Context,
-    model: ModelName = None,
-    version: ModelVersion = None,
-    normalize: Annotated[bool, Query(description="Return L2-normalized vectors.")] = False,
-) -> Response:
+async def embed(request: Request) -> Response:
     """One embedding per image, in request order, as JSON or as a .npy array."""
-    served = context.registry.resolve(model, version)
+    params, context = EmbedParams.parse(request), context_of(request)
+    served = context.registry.resolve(params.model, params.version)
     request.state.model = served.name
     outputs = await run_images(request, served, context)
     vectors = np.stack([out[EMBEDDING_NAME] for out in outputs])
-    if normalize:
+    if params.normalize:
         vectors = l2_normalize(vectors)
     if NPY in request.headers.get("accept", ""):
         buffer = io.BytesIO()

@@ -2,36 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
+from pydantic import Field
 
 from service.engine import PROBABILITIES_NAME, RANKING_NAME
 from service.errors import InvalidParameter
 from service.postprocess import top_predictions
-from service.routes.deps import Context, ModelName, ModelVersion
+from service.routes.deps import QueryParams, context_of
 from service.routes.images import REQUEST_BODY, json_response, run_images
 from service.schemas import ERROR_RESPONSES, PredictResponse
 
 router = APIRouter(tags=["inference"])
 
 
+class PredictParams(QueryParams):
+    top_k: int = Field(5, ge=1, description="Classes per image, best first.")
+
+
 @router.post(
     "/predict",
     response_model=PredictResponse,
     responses=ERROR_RESPONSES,
-    openapi_extra=REQUEST_BODY,
+    openapi_extra={**REQUEST_BODY, "parameters": PredictParams.openapi()},
     summary="Classify one or more images",
 )
-async def predict(
-    request: Request,
-    context: Context,
-    model: ModelName = None,
-    version: ModelVersion = None,
-    top_k: Annotated[int, Query(ge=1, description="Classes per image, best first.")] = 5,
-) -> Response:
+async def predict(request: Request) -> Response:
     """The ``top_k`` most probable classes of each image, in request order."""
-    served = context.registry.resolve(model, version)
+    params, context = PredictParams.parse(request), context_of(request)
+    top_k = params.top_k
+    served = context.registry.resolve(params.model, params.version)
     request.state.model = served.name
     labels = served.engine.card.labels if served.engine else ()
     if top_k > len(labels):
