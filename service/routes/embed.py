@@ -10,11 +10,11 @@ from pydantic import Field
 
 from service.metadata import EMBEDDING_NAME
 from service.postprocess import l2_normalize
-from service.routes.deps import QueryParams, context_of
+from service.routes.deps import DirectRoute, QueryParams, context_of
 from service.routes.images import REQUEST_BODY, json_response, run_images
 from service.schemas import ERROR_RESPONSES, EmbedResponse
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=DirectRoute)
 
 NPY = "application/x-npy"
 

@@ -8,11 +8,11 @@ from pydantic import Field
 from service.engine import PROBABILITIES_NAME, RANKING_NAME
 from service.errors import InvalidParameter
 from service.postprocess import top_predictions
-from service.routes.deps import QueryParams, context_of
+from service.routes.deps import DirectRoute, QueryParams, context_of
 from service.routes.images import REQUEST_BODY, json_response, run_images
 from service.schemas import ERROR_RESPONSES, PredictResponse
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=DirectRoute)
 
 
 class PredictParams(QueryParams):
