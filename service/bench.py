@@ -66,7 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rounds of (ceiling at the best batch size, HTTP load); the median ratio is"
         " reported (default: %(default)s)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {args.repeat}")
+    return args
 
 
 def load_images(path: Path, count: int) -> list[bytes]:
