@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--repeat",
         type=int,
-        default=1,
+        default=3,
         help="rounds of (ceiling at the best batch size, HTTP load); the median ratio is"
         " reported (default: %(default)s)",
     )
