@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageChops
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.engine import Engine, ThreadSettings
+from service.engine import Engine, ThreadSettings, warmup_sizes
 from service.loadgen import LoadResult, build_requests, run_load
 from service.preprocess import Preprocessor
 from service.repository import scan
@@ -113,9 +113,7 @@ class InProcess:
             draft=settings.jpeg_draft,
         )
         self.images = images
-        self.sizes = [1]
-        while self.sizes[-1] * 2 <= settings.max_batch_size:
-            self.sizes.append(self.sizes[-1] * 2)
+        self.sizes = warmup_sizes(settings.max_batch_size)  # the sizes the server warms up
         self.engine.warm_up(self.sizes)
         self.pool = ThreadPoolExecutor(settings.effective_preprocess_threads())
 
