@@ -52,6 +52,17 @@ class DirectRoute(APIRoute):
     APIRoute class".
     """
 
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        d = self.dependant
+        resolved = (d.dependencies, d.path_params, d.query_params, d.header_params)
+        # Calling the endpoint directly would skip these silently (an auth dependency too).
+        if any(resolved) or d.cookie_params or d.body_params:
+            raise TypeError(
+                f"DirectRoute {path}: the endpoint must take only the Request, not "
+                "dependencies or parameters that FastAPI would resolve"
+            )
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
         return endpoint
