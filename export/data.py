@@ -38,7 +38,8 @@ class Dataset:
         return Dataset(self.images[index], self.targets[index], self.classes)
 
 
-def _decode(data: bytes, size: int | None) -> np.ndarray:
+def decode_rgb(data: bytes, size: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] pixels of an image file's bytes, resized to ``size`` square if given."""
     with Image.open(io.BytesIO(data)) as f:
         im = f.convert("RGB")
     if size is not None and im.size != (size, size):
@@ -56,7 +57,7 @@ def _assemble(
         items = _take_per_class(items, classes, limit)
     index = {c: i for i, c in enumerate(classes)}
     bar = tqdm(items, desc=f"decode {desc}", unit="img", disable=not progress)
-    images = [_decode(b, size) for _, b in bar]
+    images = [decode_rgb(b, size) for _, b in bar]
     shapes = {a.shape for a in images}
     if len(shapes) != 1:
         raise ValueError(f"{desc}: images differ in size {sorted(shapes)[:3]}; pass a size")

@@ -50,13 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def reencode(data_bytes: bytes, quality: int, subsampling: str) -> tuple[bytes, float, int]:
     """(JPEG bytes, squared error summed over its values, number of values) of one image."""
-    with Image.open(io.BytesIO(data_bytes)) as f:
-        src = f.convert("RGB")
+    src = data.decode_rgb(data_bytes)
     buf = io.BytesIO()
-    src.save(buf, "JPEG", quality=quality, subsampling=SUBSAMPLING[subsampling])
-    with Image.open(io.BytesIO(buf.getvalue())) as f:
-        new = np.asarray(f.convert("RGB"), dtype=np.float64)
-    diff = new - np.asarray(src, dtype=np.float64)
+    Image.fromarray(src).save(buf, "JPEG", quality=quality, subsampling=SUBSAMPLING[subsampling])
+    diff = data.decode_rgb(buf.getvalue()).astype(np.float64) - src
     return buf.getvalue(), float((diff**2).sum()), diff.size
 
 
