@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> float:
     if not files:
         raise ValueError(f"{args.source}: no images found")
     tmp = args.out.with_name(args.out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run's leftovers must not mix in
     counts: dict[str, int] = {}
     sq_err, values = 0.0, 0
     for cls, blob in tqdm(files, desc=f"re-encode q{args.quality}", unit="img"):

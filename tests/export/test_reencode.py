@@ -42,6 +42,9 @@ def source_tar(tmp_path: Path) -> Path:
 
 def test_copy_keeps_classes_order_and_split(source_tar: Path, tmp_path: Path) -> None:
     out = tmp_path / "q50"
+    stale = tmp_path / "q50.partial" / "cat" / "999999.jpg"  # left by an interrupted run
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(_jpeg(np.zeros((32, 32, 3), np.uint8)))
     assert reencode.main([str(source_tar), str(out), "--quality", "50"]) == 0
 
     src, new = data.load(str(source_tar)), data.load(str(out))
