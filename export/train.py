@@ -16,6 +16,11 @@ Example::
     python -m export.train --arch cifar-resnet20 --init runs/r20/best.pt --lr 0.1 \\
         --data ../shared/datasets/cifar10-train.tar.gz --epochs 40 --out runs/r20-more
 
+It runs on a CUDA GPU when there is one (``--device auto``, the default) and on the CPU
+otherwise. ``--amp bf16`` trains in bfloat16 mixed precision (autocast; weights and the
+optimizer stay float32): on Ampere and later GPUs, and on CPUs with AVX-512 BF16 or AMX,
+which run it faster. ``--amp fp16`` is for older GPUs, with dynamic loss scaling.
+
 Writes ``last.pt`` (every epoch, for ``--resume``), ``best.pt`` (best validation
 accuracy), ``metrics.csv`` and ``curve.png`` to ``--out``. Both checkpoints are plain
 tensors and primitives, loadable with ``torch.load(..., weights_only=True)`` and accepted
@@ -54,6 +59,7 @@ METRIC_FIELDS = (
     "seconds",
     "img_per_s",
 )
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,6 +102,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: all cores)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default: auto)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=AMP_DTYPES,
+        default="none",
+        help="mixed precision: bf16 (Ampere+ GPUs, CPUs with AVX-512 BF16/AMX) or fp16"
+        " (CUDA only, with loss scaling) (default: %(default)s)",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument(
@@ -154,20 +172,36 @@ def make_scheduler(
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch build or machine has no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, ds: data.Dataset, aug: Augment, batch: int = 1000
 ) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model`` on ``ds``, unaugmented."""
+    """(mean loss, accuracy) of ``model`` on ``ds``, unaugmented, in float32."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    device = next(model.parameters()).device
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     for i in range(0, len(ds), batch):
-        x = aug.normalize(ds.images[i : i + batch])
-        y = ds.targets[i : i + batch]
+        x = aug.normalize(ds.images[i : i + batch]).to(device)
+        y = ds.targets[i : i + batch].to(device)
         out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-    return loss_sum / len(ds), correct / len(ds)
+        loss_sum += F.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+    return loss_sum.item() / len(ds), correct.item() / len(ds)
 
 
 def plot_curve(rows: list[dict[str, Any]], path: Path) -> None:
@@ -217,6 +251,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole training; returns the best checkpoint's summary."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    amp_dtype = AMP_DTYPES[args.amp]
+    if amp_dtype is torch.float16 and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     args.out.mkdir(parents=True, exist_ok=True)
     ds = data.load(args.data, size=32, limit=args.limit, progress=not args.no_progress)
     train_idx, val_idx = data.stratified_split(ds.targets, args.val_per_class, seed=args.seed)
@@ -233,19 +273,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)
     model = cifar_resnet.build(args.arch, num_classes=len(ds.classes))
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
     steps_per_epoch = math.ceil(len(train_ds) / args.batch_size)
     sched = make_scheduler(opt, args, steps_per_epoch)
+    # Loss scaling keeps float16 gradients from underflowing; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     aug = Augment(mean, std)
+    log.info("device %s, mixed precision %s", device, args.amp)
 
     history: list[dict[str, Any]] = []
     start_epoch, best_acc = 1, -1.0
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     if args.init and not args.resume:
-        state = torch.load(args.init, weights_only=True)
+        state = torch.load(args.init, map_location=device, weights_only=True)
         if state["arch"] != args.arch or state["classes"] != list(ds.classes):
             raise ValueError(
                 f"--init: {args.init} is a {state['arch']} over {state['classes']},"
@@ -258,12 +301,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         if not last_path.exists():
             raise FileNotFoundError(f"--resume: {last_path} does not exist")
-        state = torch.load(last_path, weights_only=True)
+        state = torch.load(last_path, map_location=device, weights_only=True)
         if state["arch"] != args.arch:
             raise ValueError(f"--resume: {last_path} is a {state['arch']}, not {args.arch}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         history = state["history"]
         start_epoch = state["epoch"] + 1
         best_acc = max((r["val_acc"] for r in history), default=-1.0)
@@ -285,7 +330,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         order = torch.randperm(len(train_ds), generator=g)
         model.train()
         t0 = time.perf_counter()
-        seen, loss_sum, correct = 0, 0.0, 0
+        # Running sums stay on the device: reading them every step would stall a GPU.
+        seen = 0
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch}/{args.epochs}",
@@ -296,20 +344,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
         for step in bar:
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-            x, y = aug(train_ds.images[idx], g), train_ds.targets[idx]
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+            x = aug(train_ds.images[idx], g).to(device, non_blocking=True)
+            y = train_ds.targets[idx].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
+            loss_sum += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
             if step % 10 == 0 or step == steps_per_epoch - 1:
                 bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}",
-                    acc=f"{correct / seen:.3f}",
+                    loss=f"{loss_sum.item() / seen:.3f}",
+                    acc=f"{correct.item() / seen:.3f}",
                     img_s=f"{seen / (time.perf_counter() - t0):.0f}",
                 )
         seconds = time.perf_counter() - t0
@@ -317,8 +368,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         row = {
             "epoch": epoch,
             "lr": opt.param_groups[0]["lr"],
-            "train_loss": round(loss_sum / seen, 5),
-            "train_acc": round(correct / seen, 5),
+            "train_loss": round(loss_sum.item() / seen, 5),
+            "train_acc": round(correct.item() / seen, 5),
             "val_loss": round(val_loss, 5),
             "val_acc": round(val_acc, 5),
             "seconds": round(seconds, 1),
@@ -340,14 +391,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             **common,
             "epoch": epoch,
             "val_acc": val_acc,
-            "model": model.state_dict(),
+            "model": _to_cpu(model.state_dict()),
             "history": history,
             "args": _primitive_args(args),
         }
         if val_acc > best_acc:
             best_acc = val_acc
             _save(ckpt, best_path)
-        _save({**ckpt, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, last_path)
+        resume = {"optimizer": _to_cpu(opt.state_dict()), "scheduler": sched.state_dict()}
+        if scaler.is_enabled():
+            resume["scaler"] = scaler.state_dict()
+        _save({**ckpt, **resume}, last_path)
         write_metrics(history, args.out / "metrics.csv")
         plot_curve(history, args.out / "curve.png")
 
@@ -359,6 +413,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         best_path,
     )
     return best
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A state dict with every tensor on the CPU: checkpoints load on any machine."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
 
 
 def _primitive_args(args: argparse.Namespace) -> dict[str, Any]:

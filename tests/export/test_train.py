@@ -230,3 +230,33 @@ def test_load_reads_an_imagefolder(tmp_path: Path) -> None:
     assert ds.classes == ("a", "b")
     assert ds.images.shape == (2, 32, 32, 3)
     assert ds.images[ds.targets == 0][0, 0, 0].tolist() == [255, 0, 0]
+
+
+def test_bf16_autocast_trains_float32_weights(data_source: str, tmp_path: Path) -> None:
+    """--amp bf16 runs the forward pass in bfloat16 (the weights move differently from a
+    float32 run's), while the checkpoint keeps float32 weights the export takes as is."""
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert train.main(_args(data_source, fp32, "--epochs", "1", "--device", "cpu")) == 0
+    assert train.main(_args(data_source, bf16, "--epochs", "1", "--amp", "bf16")) == 0
+    a = torch.load(fp32 / "last.pt", weights_only=True)
+    b = torch.load(bf16 / "last.pt", weights_only=True)
+    assert b["args"]["amp"] == "bf16" and "scaler" not in b
+    assert all(v.dtype == a["model"][k].dtype for k, v in b["model"].items())
+    assert all(v.device.type == "cpu" for v in b["model"].values())
+    moved = [k for k in a["model"] if k.endswith("conv1.weight")]
+    assert moved and not torch.equal(a["model"][moved[0]], b["model"][moved[0]])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_device_and_amp_refused_where_unsupported(
+    data_source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train.resolve_device("auto") == torch.device("cpu")
+    for extra, message in (
+        (("--device", "cuda"), "no CUDA device"),
+        (("--device", "mps"), "only cpu and cuda"),
+        (("--device", "gpu0"), "--device 'gpu0'"),
+        (("--amp", "fp16"), "--amp fp16 needs a CUDA device"),
+    ):
+        assert train.main(_args(data_source, tmp_path / "x", "--epochs", "1", *extra)) == 2
+        assert message in capsys.readouterr().err
