@@ -121,6 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--embedding-layer",
         help="layer whose output is the embedding (default: input of the last nn.Linear)",
     )
+    card.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="test-time augmentation in the graph: 'flip' averages each image with its mirror,"
+        " more accurate for twice the compute (default: none)",
+    )
     ver = p.add_argument_group("verification")
     ver.add_argument(
         "--verify-images", type=Path, help="folder of images to verify on (default: random images)"
@@ -160,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             interpolation=args.interpolation,
             channel_order=args.channel_order,
             embedding_layer=args.embedding_layer,
+            tta=args.tta,
             verify_images=args.verify_images,
             batch_sizes=tuple(args.verify_batch_sizes),
             tolerance=args.tolerance,

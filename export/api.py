@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 
 from export import builders, checkpoint, onnx_export, verify
 from export.errors import ExportError
-from export.features import WithEmbedding
+from export.features import FlipAverage, WithEmbedding
 from export.labels import read_labels
 from service.metadata import ModelCard, Preprocessing, Provenance
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
+TestTimeAugmentation = Literal["none", "flip"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ def export_model(
     interpolation: Interpolation | None = None,
     channel_order: Literal["RGB", "BGR"] = "RGB",
     embedding_layer: str | None = None,
+    tta: TestTimeAugmentation = "none",
     verify_images: Path | str | None = None,
     batch_sizes: tuple[int, ...] = verify.BATCH_SIZES,
     tolerance: float = verify.TOLERANCE,
@@ -67,7 +70,8 @@ def export_model(
     or a user factory (``package.module:function``). ``weights`` is a torchvision weights
     name (``IMAGENET1K_V2``, ``DEFAULT``) or None/``"none"`` for random weights.
     Preprocessing and labels come from the weights, the checkpoint or the source's
-    defaults, and any argument given here overrides them. Raises :class:`ExportError`.
+    defaults, and any argument given here overrides them. ``tta="flip"`` puts test-time
+    augmentation into the graph (see :class:`FlipAverage`). Raises :class:`ExportError`.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -94,7 +98,12 @@ def export_model(
     if ckpt is not None:
         checkpoint.apply(source.model, ckpt.state_dict, what=arch)
         log.info("loaded %d tensors from %s", len(ckpt.state_dict), ckpt.path)
-    model = WithEmbedding(source.model, layer=embedding_layer).eval()
+    model: nn.Module = WithEmbedding(source.model, layer=embedding_layer)
+    if tta == "flip":
+        model = FlipAverage(model)
+    elif tta != "none":
+        raise ExportError(f"test-time augmentation must be 'none' or 'flip', got {tta!r}")
+    model.eval()
 
     pre = _preprocessing(
         source, ckpt, input_size=input_size, resize=resize, mean=mean, std=std,
@@ -126,6 +135,7 @@ def export_model(
             exporter_version=onnx_export.exporter_name(),
             torch_version=torch.__version__,
             exported_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            test_time_augmentation=tta,
         ),
     )
 
@@ -230,7 +240,7 @@ def _triple(values: Sequence[float] | None) -> tuple[float, float, float] | None
     return (a, b, c)
 
 
-def _probe(model: WithEmbedding, size: int) -> tuple[int, int]:
+def _probe(model: nn.Module, size: int) -> tuple[int, int]:
     """(classes, embedding width), from one forward pass in PyTorch."""
     try:
         with torch.no_grad():

@@ -80,3 +80,21 @@ def final_linear(model: nn.Module) -> str:
             "name the embedding layer with --embedding-layer"
         )
     return names[-1]
+
+
+class FlipAverage(nn.Module):
+    """Test-time augmentation: outputs averaged over the image and its horizontal mirror.
+
+    Both go through the model as one batch of 2N. Averaging the logits equals applying the
+    final linear layer to the averaged embedding, so the two outputs stay consistent.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        """``model`` returns ``(logits, embedding)``, as :class:`WithEmbedding` does."""
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        logits, embedding = self.model(torch.cat([x, x.flip(3)]))
+        return (logits[:n] + logits[n:]) / 2, (embedding[:n] + embedding[n:]) / 2

@@ -64,6 +64,10 @@ class Provenance(_Frozen):
     exporter_version: str
     torch_version: str
     exported_at: str = Field(description="UTC time of the export, ISO 8601.")
+    test_time_augmentation: Literal["none", "flip"] = Field(
+        default="none",
+        description="'flip': the graph averages each image with its mirror (2x the compute).",
+    )
 
 
 class Verification(_Frozen):

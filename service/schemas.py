@@ -55,6 +55,9 @@ class VersionInfo(BaseModel):
     preprocessing: Preprocessing | None = None
     arch: str | None = None
     trained: bool | None = None
+    test_time_augmentation: Literal["none", "flip"] | None = Field(
+        None, description="'flip': the model averages each image with its mirror."
+    )
     batching: BatchingInfo
     queue_depth: int = 0
     warmup_seconds: float | None = None

@@ -64,6 +64,7 @@ def _version_info(served: ServedModel) -> VersionInfo:
         preprocessing=card.preprocessing if card else None,
         arch=card.provenance.arch if card else None,
         trained=card.provenance.trained if card else None,
+        test_time_augmentation=card.provenance.test_time_augmentation if card else None,
         batching=BatchingInfo(**vars(served.batching)),
         queue_depth=served.batcher.depth if served.batcher else 0,
         warmup_seconds=served.warmup_seconds,

@@ -97,6 +97,7 @@ def test_models_describe_what_is_served(server: Server, cifar_model_file: Path) 
     )
     assert (version["input_size"], version["num_classes"], version["embedding_dim"]) == (32, 10, 64)
     assert version["preprocessing"]["resize"] == 32 and version["arch"] == "cifar-resnet20"
+    assert version["test_time_augmentation"] == "none"
     assert version["batching"]["max_batch_size"] == 32  # the service default
     assert one["labels"] == CIFAR_LABELS and one["latest_version"] == 1
     assert missing.status_code == 404
