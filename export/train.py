@@ -182,6 +182,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device {name!r}: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this torch build or machine has no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: only cpu and cuda are supported")
     return device
