@@ -85,8 +85,9 @@ def final_linear(model: nn.Module) -> str:
 class FlipAverage(nn.Module):
     """Test-time augmentation: outputs averaged over the image and its horizontal mirror.
 
-    Both go through the model as one batch of 2N. Averaging the logits equals applying the
-    final linear layer to the averaged embedding, so the two outputs stay consistent.
+    Both go through the model as one batch of 2N. With the default embedding (the input of
+    the final linear layer), averaging the logits equals classifying the averaged
+    embedding, so the two outputs stay consistent.
     """
 
     def __init__(self, model: nn.Module) -> None:
