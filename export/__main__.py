@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 from export import builders, onnx_export, verify
 from export.api import export_model
 from export.errors import ExportError
+from service.metadata import TestTimeAugmentation
 
 DESCRIPTION = """\
 Export a ResNet to models/<name>/<version>/model.onnx: input `input` float32 [N, 3, H, W]
@@ -123,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     card.add_argument(
         "--tta",
-        choices=("none", "flip"),
+        choices=get_args(TestTimeAugmentation),
         default="none",
         help="test-time augmentation in the graph: 'flip' averages each image with its mirror,"
         " more accurate for twice the compute (default: none)",

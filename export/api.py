@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -21,13 +21,12 @@ from export import builders, checkpoint, onnx_export, verify
 from export.errors import ExportError
 from export.features import FlipAverage, WithEmbedding
 from export.labels import read_labels
-from service.metadata import ModelCard, Preprocessing, Provenance
+from service.metadata import ModelCard, Preprocessing, Provenance, TestTimeAugmentation
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
-TestTimeAugmentation = Literal["none", "flip"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def export_model(
     model: nn.Module = WithEmbedding(source.model, layer=embedding_layer)
     if tta == "flip":
         model = FlipAverage(model)
-    elif tta != "none":
+    elif tta not in get_args(TestTimeAugmentation):
         raise ExportError(f"test-time augmentation must be 'none' or 'flip', got {tta!r}")
     model.eval()
 

@@ -26,6 +26,9 @@ EMBEDDING_NAME = "embedding"
 
 _KEYS = ("labels", "preprocessing", "provenance", "verification")
 
+TestTimeAugmentation = Literal["none", "flip"]
+"""What the graph adds to the preprocessing: 'flip' averages each image with its mirror."""
+
 
 class MetadataError(ValueError):
     """An ONNX file lacks a model card, or carries one this version cannot read."""
@@ -64,7 +67,7 @@ class Provenance(_Frozen):
     exporter_version: str
     torch_version: str
     exported_at: str = Field(description="UTC time of the export, ISO 8601.")
-    test_time_augmentation: Literal["none", "flip"] = Field(
+    test_time_augmentation: TestTimeAugmentation = Field(
         default="none",
         description="'flip': the graph averages each image with its mirror (2x the compute).",
     )

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.metadata import Preprocessing
+from service.metadata import Preprocessing, TestTimeAugmentation
 
 
 class Prediction(BaseModel):
@@ -55,7 +55,7 @@ class VersionInfo(BaseModel):
     preprocessing: Preprocessing | None = None
     arch: str | None = None
     trained: bool | None = None
-    test_time_augmentation: Literal["none", "flip"] | None = Field(
+    test_time_augmentation: TestTimeAugmentation | None = Field(
         None, description="'flip': the model averages each image with its mirror."
     )
     batching: BatchingInfo
