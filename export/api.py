@@ -101,7 +101,8 @@ def export_model(
     if tta == "flip":
         model = FlipAverage(model)
     elif tta not in get_args(TestTimeAugmentation):
-        raise ExportError(f"test-time augmentation must be 'none' or 'flip', got {tta!r}")
+        choices = ", ".join(map(repr, get_args(TestTimeAugmentation)))
+        raise ExportError(f"test-time augmentation must be one of {choices}, got {tta!r}")
     model.eval()
 
     pre = _preprocessing(
