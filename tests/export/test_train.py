@@ -111,9 +111,11 @@ def test_smoke_train_then_export(
 def test_resume_repeats_the_run_exactly(
     data_source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two epochs straight and one epoch + --resume end on the same weights."""
+    """Two epochs straight and one epoch + --resume end on the same weights (with
+    --cutout, whose squares come from the same per-epoch generator as the crops)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert train.main(_args(data_source, straight, "--epochs", "2")) == 0
+    run = ("--epochs", "2", "--cutout", "8")
+    assert train.main(_args(data_source, straight, *run)) == 0
 
     # Interrupt a 2-epoch run right after its first epoch's checkpoint is written (the
     # curve is plotted after the checkpoints), as a Ctrl-C or a lost machine would.
@@ -125,11 +127,11 @@ def test_resume_repeats_the_run_exactly(
 
     monkeypatch.setattr(train, "plot_curve", plot_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train.main(_args(data_source, resumed, "--epochs", "2"))
+        train.main(_args(data_source, resumed, *run))
     monkeypatch.setattr(train, "plot_curve", real_plot)
     assert torch.load(resumed / "last.pt", weights_only=True)["epoch"] == 1
 
-    assert train.main(_args(data_source, resumed, "--epochs", "2", "--resume")) == 0
+    assert train.main(_args(data_source, resumed, *run, "--resume")) == 0
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(resumed / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
@@ -199,6 +201,30 @@ def test_augment_crops_flips_and_normalizes() -> None:
 
     again = aug(images, torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("size", [16, 5])
+def test_cutout_blanks_one_square_and_leaves_the_rest(size: int) -> None:
+    """--cutout: the same crops and flips as without it, plus one size x size square
+    (clipped at the border, so at least half of it per side) set to 0, the mean colour."""
+    images = torch.randint(1, 256, (32, 32, 32, 3), dtype=torch.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    plain = train.Augment(mean, std)(images, torch.Generator().manual_seed(2))
+    cut = train.Augment(mean, std, cutout=size)(images, torch.Generator().manual_seed(2))
+    assert cut.is_contiguous(memory_format=torch.channels_last)
+
+    clipped = 0
+    for i in range(len(images)):
+        hole = (cut[i] != plain[i]).any(0)  # [h, w]
+        ys, xs = hole.nonzero(as_tuple=True)
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        assert hole.sum() == (y1 - y0) * (x1 - x0), f"image {i}: the hole is not a rectangle"
+        assert (cut[i, :, y0:y1, x0:x1] == 0).all()
+        for lo, hi in ((y0, y1), (x0, x1)):
+            assert size // 2 <= hi - lo <= size
+            assert hi - lo == size or lo == 0 or hi == 32  # only the border clips it
+        clipped += (y1 - y0, x1 - x0) != (size, size)
+    assert 0 < clipped < len(images)  # both cases drawn with this seed
 
 
 def test_stratified_split_is_fixed_and_balanced() -> None:
