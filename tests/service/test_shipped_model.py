@@ -19,7 +19,7 @@ from service.preprocess import Preprocessor
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "cifar10-resnet20" / "1" / "model.onnx"
 VAL_IMAGES = ROOT / "tests" / "fixtures" / "cifar10-val"
-EXPECTED_CORRECT = 49
+EXPECTED_CORRECT = 48
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_classifies_held_out_images(session: ort.InferenceSession, card: ModelCa
     predicted = [card.labels[i] for i in logits.argmax(1)]
     truth = [f.parent.name for f in files]
     correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
-    # The model scores 89.52% on the 5,000 held-out images (python -m export.evaluate); on
-    # these 50 it gets 49 right, measured when the model was committed: this pins that file.
+    # The model scores 89.98% on the 5,000 held-out images (python -m export.evaluate); on
+    # these 50 it gets 48 right, measured when the model was committed: this pins that file.
     assert correct == EXPECTED_CORRECT, list(zip(truth, predicted, strict=True))
     assert embedding.shape == (50, 64) and np.all(embedding >= 0)  # pooled after a ReLU
