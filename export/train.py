@@ -7,7 +7,9 @@ and stopped at 64k (about 182 epochs). ``--schedule step`` reproduces that, scal
 ``--epochs``. The default ``onecycle`` (linear warm-up, cosine decay; Smith & Topin 2017)
 gets most of the way in a fraction of the epochs, which is what two CPU cores can afford;
 ``--init`` runs another cycle from an earlier run's weights (a warm restart, as in SGDR,
-Loshchilov & Hutter 2017) when there is time for more.
+Loshchilov & Hutter 2017) when there is time for more. ``--teacher`` distils one or
+more trained models into the one being trained (Hinton et al. 2015): a deeper CIFAR
+ResNet, or an ensemble of earlier runs, into the small one you serve.
 
 Example::
 
@@ -132,6 +134,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start from this checkpoint's weights (best.pt or last.pt of an earlier run of"
         " the same --arch and split) with a fresh optimizer and schedule: a warm restart",
     )
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="CKPT",
+        help="distil from this trained model (a checkpoint of this command, any CIFAR --arch,"
+        " trained on the same split); repeat it for an ensemble, whose probabilities are"
+        " averaged (Hinton et al. 2015; not in the paper's recipe)",
+    )
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.9,
+        help="weight of the teacher's soft targets in the loss; the labels get the rest"
+        " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=4.0,
+        help="softmax temperature of the soft targets (default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -177,6 +202,58 @@ class Augment:
             hole = rows[:, None, :, None] & cols[:, None, None, :]  # [n, 1, h, w]
             x.masked_fill_(hole, 0.0)
         return x
+
+
+class Teachers(nn.Module):
+    """Trained models whose averaged, softened predictions the student learns to match.
+
+    Each is a checkpoint of this command. A teacher must come from the same split as the
+    student (seed and images held out per class), or it would have trained on the
+    student's validation images and the validation accuracy would flatter the student.
+    """
+
+    def __init__(self, paths: list[Path], args: argparse.Namespace, classes: list[str]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList()
+        for path in paths:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state["classes"] != classes:
+                raise ValueError(f"--teacher: {path} classifies {state['classes']}, not {classes}")
+            split = {k: state["args"].get(k) for k in ("seed", "val_per_class", "limit")}
+            want = {k: getattr(args, k) for k in split}
+            if split != want:
+                raise ValueError(
+                    f"--teacher: {path} was trained on another split ({split}, this run"
+                    f" {want}); it would have seen this run's validation images"
+                )
+            model = cifar_resnet.build(state["arch"], num_classes=len(classes))
+            model.load_state_dict(state["model"])
+            self.models.append(model.eval().requires_grad_(False))
+            log.info(
+                "teacher %s: %s, epoch %d, val_acc %.4f",
+                path,
+                state["arch"],
+                state["epoch"],
+                state["val_acc"],
+            )
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, temperature: float) -> Tensor:
+        """The ensemble's class probabilities at ``temperature``, averaged over teachers."""
+        probs = [F.softmax(m(x).float() / temperature, dim=1) for m in self.models]
+        return torch.stack(probs).mean(0)
+
+
+def distillation_loss(
+    logits: Tensor, targets: Tensor, soft: Tensor, weight: float, temperature: float
+) -> Tensor:
+    """Hinton et al. (2015): cross-entropy on the labels mixed with the KL divergence
+    from the teacher's softened probabilities, scaled by T^2 so its gradients keep
+    their size as the temperature changes."""
+    hard = F.cross_entropy(logits, targets)
+    log_student = F.log_softmax(logits / temperature, dim=1)
+    kl = F.kl_div(log_student, soft, reduction="batchmean") * temperature**2
+    return (1 - weight) * hard + weight * kl
 
 
 def make_scheduler(
@@ -310,6 +387,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # Loss scaling keeps float16 gradients from underflowing; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     aug = Augment(mean, std, cutout=args.cutout)
+    teachers = None
+    if args.teacher:
+        if not 0.0 <= args.distill_weight <= 1.0 or args.distill_temperature <= 0:
+            raise ValueError("--distill-weight must be in [0, 1], --distill-temperature > 0")
+        teachers = Teachers(args.teacher, args, list(ds.classes))
+        teachers = teachers.to(device).to(memory_format=torch.channels_last)
     log.info("device %s, mixed precision %s", device, args.amp)
 
     history: list[dict[str, Any]] = []
@@ -376,7 +459,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             y = train_ds.targets[idx].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = model(x)
-            loss = F.cross_entropy(out.float(), y)
+                soft = None if teachers is None else teachers(x, args.distill_temperature)
+            if soft is None:
+                loss = F.cross_entropy(out.float(), y)
+            else:
+                loss = distillation_loss(
+                    out.float(), y, soft, args.distill_weight, args.distill_temperature
+                )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -455,7 +544,12 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def _primitive_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    def primitive(v: Any) -> Any:
+        if isinstance(v, list):
+            return [primitive(x) for x in v]
+        return str(v) if isinstance(v, Path) else v
+
+    return {k: primitive(v) for k, v in vars(args).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
