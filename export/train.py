@@ -360,6 +360,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     amp_dtype = AMP_DTYPES[args.amp]
     if amp_dtype is torch.float16 and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16")
+    if args.teacher and not (0.0 <= args.distill_weight <= 1.0 and args.distill_temperature > 0):
+        raise ValueError("--distill-weight must be in [0, 1], --distill-temperature > 0")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     args.out.mkdir(parents=True, exist_ok=True)
@@ -389,8 +391,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     aug = Augment(mean, std, cutout=args.cutout)
     teachers = None
     if args.teacher:
-        if not 0.0 <= args.distill_weight <= 1.0 or args.distill_temperature <= 0:
-            raise ValueError("--distill-weight must be in [0, 1], --distill-temperature > 0")
         teachers = Teachers(args.teacher, args, list(ds.classes))
         teachers = teachers.to(device).to(memory_format=torch.channels_last)
     log.info("device %s, mixed precision %s", device, args.amp)
