@@ -64,6 +64,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def evaluate(args: argparse.Namespace) -> Scores:
+    """Score each model alone and all of them averaged; refuse classes other than the data's."""
     sessions = [
         ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]) for m in args.models
     ]
