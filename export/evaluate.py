@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from export import data
+from service.engine import softmax
 from service.metadata import INPUT_NAME, LOGITS_NAME, ModelCard
 from service.preprocess import Preprocessor
 
@@ -56,11 +57,6 @@ class Scores:
     correct: list[int]
     ensemble: int
     total: int
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def evaluate(args: argparse.Namespace) -> Scores:
@@ -93,7 +89,7 @@ def evaluate(args: argparse.Namespace) -> Scores:
         for k, (session, card) in enumerate(zip(sessions, cards, strict=True)):
             (logits,) = session.run([LOGITS_NAME], {INPUT_NAME: batches[card.preprocessing]})
             correct[k] += int((logits.argmax(1) == truth).sum())
-            probs += _softmax(logits.astype(np.float64))
+            probs += softmax(logits)  # the probabilities /predict answers
         ensemble += int((probs.argmax(1) == truth).sum())
     return Scores(correct, ensemble, len(indices))
 
