@@ -36,12 +36,12 @@ test: $(VENV)/.dev  ## run the test suite
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.dev  ## ruff and mypy
-	$(BIN)/ruff check service export tests
-	$(BIN)/ruff format --check service export tests
+	$(BIN)/ruff check service export tools tests
+	$(BIN)/ruff format --check service export tools tests
 	$(BIN)/mypy
 
 bench: $(VENV)/.dev  ## HTTP throughput and latency against the in-process ceiling
-	$(BIN)/python -m service.bench
+	$(BIN)/python -m tools.bench
 
 clean:  ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "service" / "deploy"
+DEPLOY = REPO / "deploy"
 
 
 @dataclass

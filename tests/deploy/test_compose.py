@@ -129,7 +129,7 @@ def test_providers(compose: dict[str, Any]) -> None:
 def test_prometheus_scrapes_the_serving_services(compose: dict[str, Any]) -> None:
     prometheus = compose["services"]["prometheus"]
     (config_mount,) = prometheus["volumes"]
-    assert config_mount["source"] == "./service/deploy/prometheus.yml"
+    assert config_mount["source"] == "./deploy/prometheus.yml"
     assert config_mount["target"] == "/etc/prometheus/prometheus.yml"
     assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prometheus["image"])
 

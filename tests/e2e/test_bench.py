@@ -1,4 +1,4 @@
-"""``python -m service.bench`` end to end: it starts a server, loads it and prints its figures.
+"""``python -m tools.bench`` end to end: it starts a server, loads it and prints its figures.
 
 Only that the command works and reports what it measured: the figures themselves are for
 a quiet machine (README, Benchmarks), not for assertions in a shared CI runner.
@@ -16,7 +16,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures/cifar10-val"
 
 def test_bench_reports_ceiling_http_figures_and_ratio(cifar_model_file: Path) -> None:
     repository = cifar_model_file.parents[2]  # <repo>/<name>/<version>/model.onnx
-    command = [sys.executable, "-m", "service.bench", "--models", str(repository)]
+    command = [sys.executable, "-m", "tools.bench", "--models", str(repository)]
     command += ["--images", str(FIXTURES), "--count", "16", "--concurrency", "8"]
     command += ["--duration", "1", "--warmup", "0.2", "--lone-seconds", "0.5"]
     command += ["--inprocess-seconds", "0.05", "--repeat", "2"]

@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 load generator for ``python -m service.bench``.
+"""A lean HTTP/1.1 load generator for ``python -m tools.bench``.
 
 Each connection is kept alive and sends pre-built requests back to back (closed loop), so
 the offered concurrency is the number of connections. It is written on asyncio streams,

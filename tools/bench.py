@@ -1,4 +1,4 @@
-"""``python -m service.bench``: HTTP throughput and latency against the in-process ceiling.
+"""``python -m tools.bench``: HTTP throughput and latency against the in-process ceiling.
 
 In one run, on the same images and with the same settings (threads, batch size limit):
 
@@ -35,10 +35,10 @@ from PIL import Image, ImageChops
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.engine import Engine, ThreadSettings, warmup_sizes
-from service.loadgen import LoadResult, build_requests, run_load
 from service.preprocess import Preprocessor
 from service.repository import scan
 from service.settings import Settings, load_settings
+from tools.loadgen import LoadResult, build_requests, run_load
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-train.tar.gz"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -47,7 +47,7 @@ MIN_RUNS = 4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     p.add_argument("--models", type=Path, default=None, help="model repository [settings]")
     p.add_argument("--model", default=None, help="model name (default: the first)")
     p.add_argument("--url", default=None, help="benchmark this server instead of starting one")
