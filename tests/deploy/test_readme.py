@@ -1,10 +1,12 @@
-"""The README cannot rot: its curl examples run against a live server, its settings table
-matches service/settings.py.
+"""The docs cannot rot: their curl and tritonclient examples run against a live server, the
+settings table matches service/settings.py, and the README stays a short user's guide.
 
-Rule for README authors: every ```bash block that contains `curl` is one runnable example
-against http://localhost:8000, run from the repository root. It may hold one curl call
-plus commands that read what curl wrote. A `# -> NNN` line sets the expected HTTP status
-(default 200). Commands that need Docker or a cluster go in blocks without curl.
+Rule for authors of README.md, docs/*.md and models/*/README.md: every ```bash block that
+contains `curl` is one runnable example against http://localhost:8000, run from the
+repository root. It may hold one curl call plus commands that read what curl wrote. A
+`# -> NNN` line sets the expected HTTP status (default 200). Commands that need Docker or a
+cluster go in blocks without curl. The one ```python block that imports tritonclient runs
+too, and prints what its comments say.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import numpy as np
 import pytest
 from deployfiles import REPO, LiveServer
 from prometheus_client.parser import text_string_to_metric_families
-from readme_tables import settings_table, splice
+from readme_tables import SETTINGS_DOC, settings_table, splice
 
 README = REPO / "README.md"
+# Long narrative (training runs, benchmark figures) belongs in docs/, not in the guide.
+README_MAX_LINES = 350
 _FENCE = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # curl reports each response's status and type on stderr; stdout stays the body.
 _CURL_WRAPPER = (
@@ -32,10 +36,24 @@ _CURL_WRAPPER = (
 )
 
 
+def doc_files() -> list[Path]:
+    """Every file whose examples run: the README, docs/ and the shipped models' cards."""
+    return [
+        README,
+        *sorted((REPO / "docs").glob("*.md")),
+        *sorted((REPO / "models").glob("*/README.md")),
+    ]
+
+
 @dataclass(frozen=True)
 class Example:
+    path: Path
     line: int
     script: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.path.relative_to(REPO)}:{self.line}"
 
     @property
     def expected_status(self) -> int:
@@ -52,16 +70,19 @@ class Example:
         return match.group(1) if match else None
 
 
-def readme_examples() -> list[Example]:
-    text = README.read_text()
-    return [
-        Example(line=text.count("\n", 0, m.start()) + 1, script=m.group(1))
-        for m in _FENCE.finditer(text)
-        if re.search(r"\bcurl\b", m.group(1))
-    ]
+def curl_examples() -> list[Example]:
+    examples: list[Example] = []
+    for path in doc_files():
+        text = path.read_text()
+        examples += [
+            Example(path=path, line=text.count("\n", 0, m.start()) + 1, script=m.group(1))
+            for m in _FENCE.finditer(text)
+            if re.search(r"\bcurl\b", m.group(1))
+        ]
+    return examples
 
 
-EXAMPLES = readme_examples()
+EXAMPLES = curl_examples()
 
 
 def test_the_readme_starts_with_the_two_commands() -> None:
@@ -69,6 +90,13 @@ def test_the_readme_starts_with_the_two_commands() -> None:
     assert first_block is not None
     commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
     assert commands == ["make serve", "make test"]
+
+
+def test_the_readme_is_a_guide_not_a_notebook() -> None:
+    lines = len(README.read_text().splitlines())
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines, over {README_MAX_LINES}: move the narrative to docs/"
+    )
 
 
 def test_the_examples_cover_the_api() -> None:
@@ -130,8 +158,8 @@ def _check_json(example: Example, status: int, body: dict[str, Any]) -> None:
                 assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=[f"README.md:{e.line}" for e in EXAMPLES])
-def test_readme_example_runs_as_written(
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.where for e in EXAMPLES])
+def test_doc_example_runs_as_written(
     example: Example, live_server: LiveServer, workdir: Path
 ) -> None:
     script = example.script.replace("localhost:8000", f"localhost:{live_server.port}")
@@ -155,7 +183,7 @@ def test_readme_example_runs_as_written(
     elif content_type == "application/x-npy":
         array = np.load(io.BytesIO(body), allow_pickle=False)
         assert array.dtype == np.float32 and array.shape[0] == example.images
-        # The README shows what its own follow-up command prints.
+        # The example shows what its own follow-up command prints.
         assert result.stdout.decode().strip() == str(array.shape)
         assert f"# {array.shape}" in example.script
     elif content_type.startswith("text/plain"):  # Prometheus exposition, through grep
@@ -168,16 +196,25 @@ def test_readme_example_runs_as_written(
 
 
 def test_the_settings_table_matches_the_settings() -> None:
-    text = README.read_text()
+    text = SETTINGS_DOC.read_text()
     assert splice(text, settings_table()) == text, (
-        "README.md's settings table is out of date: run python tests/deploy/readme_tables.py"
+        f"{SETTINGS_DOC.relative_to(REPO)}'s settings table is out of date: "
+        "run python tests/deploy/readme_tables.py"
     )
     assert "| `--max-batch-size` | `RESNET_SERVE_MAX_BATCH_SIZE` | `32` |" in text
+    assert "](docs/settings.md)" in README.read_text(), "the README links to the table"
 
 
-def test_readme_python_example_runs_as_written(live_server: LiveServer, workdir: Path) -> None:
+def test_tritonclient_example_runs_as_written(live_server: LiveServer, workdir: Path) -> None:
     """The tritonclient snippet prints what its comments say it prints."""
-    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.MULTILINE | re.DOTALL)
+    blocks = [
+        block
+        for path in doc_files()
+        for block in re.findall(
+            r"^```python\n(.*?)^```", path.read_text(), re.MULTILINE | re.DOTALL
+        )
+        if "tritonclient" in block
+    ]
     assert len(blocks) == 1
     script = blocks[0].replace("localhost:8000", f"localhost:{live_server.port}")
     result = subprocess.run(
