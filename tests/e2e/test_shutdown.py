@@ -38,12 +38,20 @@ def draining(launch: Callable[..., Server], tmp_path: Path, cifar_model_file: Pa
 
 
 def refused(url: str) -> bool:
-    """Whether a new TCP connection to the server is refused."""
+    """Whether a new TCP connection to the server is refused: its listener is closed.
+
+    While the listener is being closed the kernel may reset a connection instead
+    (ECONNRESET: it had reached the accept queue, or met the close half-way), or let it
+    time out. Neither says the listener is gone, so both mean "not yet": the caller
+    polls until an attempt is refused outright.
+    """
     address = urlsplit(url)
     try:
         socket.create_connection((address.hostname, address.port), timeout=2).close()
     except ConnectionRefusedError:
         return True
+    except (ConnectionResetError, TimeoutError):
+        return False
     return False
 
 
