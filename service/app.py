@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from service import __version__
 from service.auth import ApiKeyMiddleware, document_api_keys
+from service.dataplane import DataPlane
 from service.errors import ServiceError, error_body
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import (
@@ -54,14 +54,18 @@ absent), `X-Request-Timeout` (seconds; less than the server's limit shortens the
 def create_app(settings: Settings) -> FastAPI:
     """A new app serving the models under ``settings.models_dir``."""
     metrics = Metrics()
+    registry = ModelRegistry(settings, metrics)
     context = AppContext(
         settings=settings,
-        registry=ModelRegistry(settings, metrics),
+        registry=registry,
         metrics=metrics,
-        preprocess_pool=ThreadPoolExecutor(
-            settings.effective_preprocess_threads(), thread_name_prefix="preprocess"
-        ),
+        dataplane=DataPlane.create(settings, registry, metrics),
     )
+    if settings.model_control == "explicit" and not settings.api_keys:
+        log.warning(
+            "model_control is 'explicit' without api_keys: anyone who reaches the port can "
+            "load and unload models (POST /v2/repository/models/NAME/unload takes one down)"
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,7 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await context.registry.close()
-            context.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+            context.dataplane.close()
 
     app = FastAPI(
         title="resnet-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan

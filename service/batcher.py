@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -102,8 +102,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{name}")
         # One engine run at a time, from the executor or from run_alone's caller.
         self._engine = threading.Lock()
-        self.decoding = 0
-        """Requests being decoded for this model (the event loop counts them)."""
+        self._decoding = 0  # requests being decoded for this model (see decoding())
 
     @property
     def depth(self) -> int:
@@ -145,15 +144,29 @@ class Batcher:
             self._observer.queue_depth(len(self._queue))
         return futures
 
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Count a request as being decoded for this model, on the event loop.
+
+        :meth:`run_alone` reads the count: while another request is being decoded, a lone
+        row may soon have company, so it takes the queue instead.
+        """
+        self._decoding += 1
+        try:
+            yield
+        finally:
+            self._decoding -= 1
+
     def run_alone(self, row: np.ndarray, *, expires: float | None = None) -> Outputs | None:
         """Run one row now in the calling thread if it is alone, else None (use :meth:`submit`).
 
         Alone: no delay is configured, nothing is queued, no batch is running and the
-        caller's request is the only one being decoded. Past ``expires`` (``time.monotonic``)
-        it is not run either: :meth:`submit`'s caller answers the missed deadline. Thread-safe;
-        meant for the preprocessing thread that has just decoded the row.
+        caller's request is the only one being decoded (:meth:`decoding`). Past ``expires``
+        (``time.monotonic``) it is not run either: :meth:`submit`'s caller answers the
+        missed deadline. Thread-safe; meant for the preprocessing thread that has just
+        decoded the row.
         """
-        alone = self.max_delay_s == 0 and not self._queue and self.decoding <= 1
+        alone = self.max_delay_s == 0 and not self._queue and self._decoding <= 1
         if not alone or self._closing or (expires is not None and time.monotonic() >= expires):
             return None
         if not self._engine.acquire(blocking=False):

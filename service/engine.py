@@ -19,13 +19,20 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.metadata import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, MetadataError, ModelCard
+from service.metadata import (
+    EMBEDDING_NAME,
+    GRAPH_OUTPUTS,
+    INPUT_NAME,
+    LOGITS_NAME,
+    PROBABILITIES_NAME,
+    RANKING_NAME,
+    MetadataError,
+    ModelCard,
+)
 from service.settings import PROVIDER_ALIASES
 
 log = logging.getLogger(__name__)
 
-PROBABILITIES_NAME = "probabilities"
-RANKING_NAME = "ranking"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -159,7 +166,7 @@ class Engine:
                 f"{self.path}: input must be float32 [N, 3, {size}, {size}] as the model card's "
                 f"crop says, got {inputs[INPUT_NAME].type} {shape}"
             )
-        for name in (LOGITS_NAME, EMBEDDING_NAME):
+        for name in GRAPH_OUTPUTS:
             if name not in outputs:
                 raise ModelLoadError(f"{self.path}: output {name!r} missing, got {list(outputs)}")
         num_classes = outputs[LOGITS_NAME].shape[1]
@@ -174,7 +181,7 @@ class Engine:
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """float32 [N, 3, H, W] -> logits, probabilities, ranking and embedding, a row per input."""
-        logits, embedding = self.session.run([LOGITS_NAME, EMBEDDING_NAME], {INPUT_NAME: batch})
+        logits, embedding = self.session.run(list(GRAPH_OUTPUTS), {INPUT_NAME: batch})
         probabilities = softmax(logits.copy())
         return {
             LOGITS_NAME: logits,

@@ -95,6 +95,13 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class Forbidden(ServiceError):
+    """A route the server's configuration turns off (e.g. model control)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class ModelNotFound(ServiceError):
     status = 404
     code = "model_not_found"

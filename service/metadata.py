@@ -7,6 +7,16 @@ depends only on pydantic, so both sides import it (the service never imports tor
 
 Each top-level field is stored as one JSON string under its own key, so that the file
 stays readable with ``onnx`` or Netron.
+
+How the card may evolve: ``FORMAT`` names the contract (``resnet-serve/<major>``). A change
+that an older server can ignore or that has a default for older files keeps the major:
+a new optional field or key, a new value of a Literal that a file only carries when it
+uses the feature. Every model of the card is ``extra="forbid"``, so an older server
+refuses a file with a field it does not know (a clear "malformed" load error, never a
+silently wrong answer); that is the price of the strictness, and why a new field is
+only written when it is not at its default. A change that alters what an existing field
+means, removes one or changes the tensor names below bumps the major, and this module
+then reads both majors for as long as files of the old one are served.
 """
 
 from __future__ import annotations
@@ -18,11 +28,24 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 FORMAT = "resnet-serve/1"
-"""Value of the ``format`` key; bumped when the card changes incompatibly."""
+"""Value of the ``format`` key; its major is bumped when the card changes incompatibly."""
 
+# The tensor names of the contract. The ONNX graph has one input and two outputs:
 INPUT_NAME = "input"
+"""float32 [N, 3, crop, crop], preprocessed as the card's ``preprocessing`` says."""
 LOGITS_NAME = "logits"
+"""float32 [N, num_classes], in the order of the card's ``labels``."""
 EMBEDDING_NAME = "embedding"
+"""float32 [N, D]: the globally pooled features that feed the classifier."""
+# The engine derives two more from the logits, once per batch (service.engine):
+PROBABILITIES_NAME = "probabilities"
+"""float32 [N, num_classes]: the softmax of the logits."""
+RANKING_NAME = "ranking"
+"""int64 [N, num_classes]: class indices, most probable first (ties: lower index first)."""
+GRAPH_OUTPUTS = (LOGITS_NAME, EMBEDDING_NAME)
+"""The outputs every exported graph has."""
+OUTPUT_NAMES = (LOGITS_NAME, PROBABILITIES_NAME, EMBEDDING_NAME)
+"""The outputs a client may ask for by name (the v2 protocol's model metadata)."""
 
 _KEYS = ("labels", "preprocessing", "provenance", "verification")
 

@@ -1,11 +1,12 @@
 """The models being served: load, warm up and unload them, and find one for a request.
 
-Each model version gets its own engine, preprocessor and batcher. Loading runs in a
-worker thread, so the HTTP server answers (``/healthz``, ``/readyz`` 503 "loading") while
-models load. A model that fails to load is kept with its reason, for ``/models`` and
-``/readyz``; the others keep serving. ``load``/``unload`` also work at run time:
-unloading stops routing new requests to the model, waits for the requests already in
-flight on it (:meth:`ServedModel.in_flight`), then finishes what is queued.
+Each model version gets its own engine, preprocessor and batcher, together or not at all
+(:class:`Loaded`). Loading runs in a worker thread, so the HTTP server answers
+(``/healthz``, ``/readyz`` 503 "loading") while models load. A model that fails to load
+is kept with its reason, for ``/models`` and ``/readyz``; the others keep serving.
+``load``/``unload`` also work at run time: unloading stops routing new requests to the
+model, waits for the requests already in flight on it (:meth:`ServedModel.in_flight`),
+then finishes what is queued.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class State(enum.StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    UNLOADED = "unloaded"
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,24 @@ class BatchingSettings:
     max_queue_size: int
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What a ready model version runs requests with: always all three together."""
+
+    engine: Engine
+    preprocessor: Preprocessor
+    batcher: Batcher
+
+
 @dataclass
 class ServedModel:
-    """One model version and everything needed to run requests on it."""
+    """One model version and everything needed to run requests on it.
+
+    A small state machine: LOADING -> READY (with its :class:`Loaded` parts) or FAILED
+    (with the reason), and READY -> UNLOADED, which drops the parts. Only the registry
+    moves it (:meth:`ready`, :meth:`fail`, :meth:`unloaded`); requests ask for the parts
+    with :meth:`require_loaded`, the one place that answers "it was unloaded".
+    """
 
     name: str
     version: int
@@ -57,15 +74,37 @@ class ServedModel:
     batching: BatchingSettings
     state: State = State.LOADING
     reason: str = "queued for loading"
-    engine: Engine | None = None
-    preprocessor: Preprocessor | None = None
-    batcher: Batcher | None = None
     warmup_seconds: float | None = None
     requests: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _loaded: Loaded | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    @property
+    def loaded(self) -> Loaded | None:
+        """The engine, preprocessor and batcher while READY, else None (for descriptions)."""
+        return self._loaded
+
+    def require_loaded(self) -> Loaded:
+        """The parts to run a request with; 503 when the version is not (or no longer) ready."""
+        if self._loaded is None:
+            what = "was unloaded" if self.state is State.UNLOADED else f"is {self.reason}"
+            raise ModelNotReady(f"model {self.name!r} version {self.version} {what}")
+        return self._loaded
+
+    def ready(self, loaded: Loaded) -> None:
+        """LOADING -> READY."""
+        self._loaded, self.state, self.reason = loaded, State.READY, "ready"
+
+    def fail(self, reason: str) -> None:
+        """LOADING -> FAILED, keeping why for /models and /readyz."""
+        self._loaded, self.state, self.reason = None, State.FAILED, f"failed to load: {reason}"
+
+    def unloaded(self) -> None:
+        """READY (or any state) -> UNLOADED: new requests get 503, the parts are released."""
+        self._loaded, self.state, self.reason = None, State.UNLOADED, "unloaded"
 
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
@@ -145,9 +184,9 @@ class ModelRegistry:
                     served.requests,
                     UNLOAD_GRACE_S,
                 )
-            if served.batcher is not None:
-                await served.batcher.stop(drain_timeout_s)
-            served.engine = served.batcher = None
+            if served.loaded is not None:
+                await served.loaded.batcher.stop(drain_timeout_s)
+            served.unloaded()
 
     async def close(self) -> None:
         """Unload everything (the app's shutdown): queued work gets ``drain_timeout_s``."""
@@ -236,7 +275,6 @@ class ModelRegistry:
                 threads=threads,
                 require_gpu=s.require_gpu,
             )
-            served.engine = engine
             served.reason = "warming up"
             sizes = warmup_sizes(served.batching.max_batch_size)
             served.warmup_seconds = await asyncio.to_thread(engine.warm_up, sizes)
@@ -244,11 +282,8 @@ class ModelRegistry:
             log.exception("model %s v%d failed to load", served.name, served.version)
             self._fail(served, str(exc))
             return
-        served.preprocessor = Preprocessor(
-            engine.card.preprocessing, max_pixels=s.max_image_pixels, draft=s.jpeg_draft
-        )
         b = served.batching
-        served.batcher = Batcher(
+        batcher = Batcher(
             engine.run_rows,
             name=f"{served.name}:{served.version}",
             max_batch_size=b.max_batch_size,
@@ -256,8 +291,11 @@ class ModelRegistry:
             max_queue_size=b.max_queue_size,
             observer=self.metrics.batch_observer(served.name, served.version),
         )
-        served.batcher.start()
-        served.state, served.reason = State.READY, "ready"
+        batcher.start()
+        preprocessor = Preprocessor(
+            engine.card.preprocessing, max_pixels=s.max_image_pixels, draft=s.jpeg_draft
+        )
+        served.ready(Loaded(engine, preprocessor, batcher))
         self.metrics.model_ready.labels(served.name, str(served.version)).set(1)
         log.info(
             "model %s v%d ready on %s (%d classes, embedding %d, warm-up at batch sizes %s "
@@ -272,5 +310,5 @@ class ModelRegistry:
         )
 
     def _fail(self, served: ServedModel, reason: str) -> None:
-        served.state, served.reason = State.FAILED, f"failed to load: {reason}"
+        served.fail(reason)
         self.metrics.model_ready.labels(served.name, str(served.version)).set(0)

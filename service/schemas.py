@@ -44,7 +44,7 @@ class BatchingInfo(BaseModel):
 
 class VersionInfo(BaseModel):
     version: int
-    state: Literal["loading", "ready", "failed"]
+    state: Literal["loading", "ready", "failed", "unloaded"]
     reason: str
     path: str
     sha256: str | None = None

@@ -127,6 +127,13 @@ class Settings(BaseSettings):
         description="API keys, comma-separated; when set, every route but health, readiness, "
         "metrics and the docs needs 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.",
     )
+    model_control: Literal["none", "explicit"] = Field(
+        default="none",
+        description="'none': the models under models_dir load at start and the v2 "
+        "repository API may only list them (load and unload answer 403); 'explicit': "
+        "POST /v2/repository/models/NAME/load and /unload change what is served (turn "
+        "api_keys on with it).",
+    )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description="Origins that browsers may call the API from, comma-separated ('*' for "

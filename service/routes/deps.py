@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Self
 
@@ -11,7 +10,9 @@ from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import to_json
 
+from service.dataplane import FILE_FIELDS, DataPlane
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -24,7 +25,7 @@ class AppContext:
     settings: Settings
     registry: ModelRegistry
     metrics: Metrics
-    preprocess_pool: ThreadPoolExecutor
+    dataplane: DataPlane
 
 
 def context_of(request: Request) -> AppContext:
@@ -105,3 +106,32 @@ class QueryParams(BaseModel):
                 | {"schema": schema}
             )
         return parameters
+
+
+def json_response(payload: object) -> Response:
+    """JSON encoded by pydantic-core (fast for long float lists), no re-validation."""
+    return Response(to_json(payload), media_type="application/json")
+
+
+# OpenAPI description of an image request body (FastAPI cannot infer it from a raw body).
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+IMAGES_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "One image as the raw body, or multipart/form-data with one or more "
+        f"file parts named {' or '.join(repr(f) for f in FILE_FIELDS)}.",
+        "content": {
+            "image/jpeg": _BINARY,
+            "image/png": _BINARY,
+            "image/webp": _BINARY,
+            "application/octet-stream": _BINARY,
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": _BINARY["schema"]}},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}

@@ -10,8 +10,7 @@ from pydantic import Field
 
 from service.metadata import EMBEDDING_NAME
 from service.postprocess import l2_normalize
-from service.routes.deps import DirectRoute, QueryParams, context_of
-from service.routes.images import REQUEST_BODY, json_response, run_images
+from service.routes.deps import IMAGES_BODY, DirectRoute, QueryParams, context_of, json_response
 from service.schemas import ERROR_RESPONSES, EmbedResponse
 
 router = APIRouter(tags=["inference"], route_class=DirectRoute)
@@ -36,7 +35,7 @@ _RESPONSES: dict[int | str, dict[str, object]] = {
     "/embed",
     response_model=EmbedResponse,
     responses=_RESPONSES,
-    openapi_extra={**REQUEST_BODY, "parameters": EmbedParams.openapi()},
+    openapi_extra={**IMAGES_BODY, "parameters": EmbedParams.openapi()},
     summary="Embed one or more images",
 )
 async def embed(request: Request) -> Response:
@@ -44,7 +43,9 @@ async def embed(request: Request) -> Response:
     params, context = EmbedParams.parse(request), context_of(request)
     served = context.registry.resolve(params.model, params.version)
     request.state.model = served.name
-    outputs = await run_images(request, served, context)
+    with served.in_flight():  # unloading the model waits for this request
+        images = await context.dataplane.read_images(request)
+        outputs = await context.dataplane.run_images(request, served, images)
     vectors = np.stack([out[EMBEDDING_NAME] for out in outputs])
     if params.normalize:
         vectors = l2_normalize(vectors)

@@ -44,12 +44,13 @@ def _model_info(context: Context, name: str, *, labels: bool) -> ModelInfo:
         latest_version=latest.version,
         default=is_default,
         versions=[_version_info(s) for s in versions.values()],
-        labels=list(latest.engine.card.labels) if labels and latest.engine else None,
+        labels=list(latest.loaded.engine.card.labels) if labels and latest.loaded else None,
     )
 
 
 def _version_info(served: ServedModel) -> VersionInfo:
-    engine = served.engine
+    loaded = served.loaded
+    engine = loaded.engine if loaded else None
     card = engine.card if engine else None
     return VersionInfo(
         version=served.version,
@@ -66,6 +67,6 @@ def _version_info(served: ServedModel) -> VersionInfo:
         trained=card.provenance.trained if card else None,
         test_time_augmentation=card.provenance.test_time_augmentation if card else None,
         batching=BatchingInfo(**vars(served.batching)),
-        queue_depth=served.batcher.depth if served.batcher else 0,
+        queue_depth=loaded.batcher.depth if loaded else 0,
         warmup_seconds=served.warmup_seconds,
     )

@@ -5,11 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from pydantic import Field
 
-from service.engine import PROBABILITIES_NAME, RANKING_NAME
 from service.errors import InvalidParameter
+from service.metadata import PROBABILITIES_NAME, RANKING_NAME
 from service.postprocess import top_predictions
-from service.routes.deps import DirectRoute, QueryParams, context_of
-from service.routes.images import REQUEST_BODY, json_response, run_images
+from service.routes.deps import IMAGES_BODY, DirectRoute, QueryParams, context_of, json_response
 from service.schemas import ERROR_RESPONSES, PredictResponse
 
 router = APIRouter(tags=["inference"], route_class=DirectRoute)
@@ -23,7 +22,7 @@ class PredictParams(QueryParams):
     "/predict",
     response_model=PredictResponse,
     responses=ERROR_RESPONSES,
-    openapi_extra={**REQUEST_BODY, "parameters": PredictParams.openapi()},
+    openapi_extra={**IMAGES_BODY, "parameters": PredictParams.openapi()},
     summary="Classify one or more images",
 )
 async def predict(request: Request) -> Response:
@@ -32,13 +31,15 @@ async def predict(request: Request) -> Response:
     top_k = params.top_k
     served = context.registry.resolve(params.model, params.version)
     request.state.model = served.name
-    labels = served.engine.card.labels if served.engine else ()
+    labels = served.require_loaded().engine.card.labels
     if top_k > len(labels):
         raise InvalidParameter(
             f"top_k must be between 1 and {len(labels)} (the classes of model "
             f"{served.name!r}), got {top_k}"
         )
-    outputs = await run_images(request, served, context)
+    with served.in_flight():  # unloading the model waits for this request
+        images = await context.dataplane.read_images(request)
+        outputs = await context.dataplane.run_images(request, served, images)
     results = [
         {"predictions": top_predictions(out[PROBABILITIES_NAME], top_k, labels, out[RANKING_NAME])}
         for out in outputs

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from typing import Literal
 
 from service.engine import CUDA
-from service.metadata import INPUT_NAME
+from service.metadata import INPUT_NAME, OUTPUT_NAMES
 from service.registry import ModelRegistry, ServedModel, State
 from service.repository import ModelEntry
 from service.v2.codec import BYTES
-from service.v2.inference import FP32, IMAGE_NAME, OUTPUT_NAMES, engine_of
+from service.v2.inference import FP32, IMAGE_NAME
 from service.v2.schemas import (
     ConfigTensor,
     DynamicBatching,
@@ -30,14 +30,14 @@ PLATFORM = "onnxruntime_onnx"
 
 
 def _output_widths(served: ServedModel) -> dict[str, int]:
-    engine = engine_of(served)
+    engine = served.require_loaded().engine
     widths = (engine.num_classes, engine.num_classes, engine.embedding_dim)
     return dict(zip(OUTPUT_NAMES, widths, strict=True))
 
 
 def model_metadata(served: ServedModel, versions: list[int]) -> ModelMetadata:
     """Inputs and outputs with datatype and shape; -1 is the batch dimension."""
-    size = engine_of(served).input_size
+    size = served.require_loaded().engine.input_size
     return ModelMetadata(
         name=served.name,
         versions=[str(v) for v in versions],
@@ -55,7 +55,7 @@ def model_metadata(served: ServedModel, versions: list[int]) -> ModelMetadata:
 
 def model_config(served: ServedModel) -> ModelConfig:
     """The model as a Triton config: dims exclude the batch dimension, as Triton's do."""
-    engine = engine_of(served)
+    engine = served.require_loaded().engine
     size = engine.input_size
     batching = served.batching
     card = engine.card

@@ -19,18 +19,20 @@ import numpy as np
 from fastapi import Request
 
 from service.batcher import Outputs
-from service.engine import PROBABILITIES_NAME, Engine
-from service.errors import BadRequest, ModelNotReady, PayloadTooLarge, ServiceError
-from service.metadata import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME
+from service.dataplane import DataPlane
+from service.errors import BadRequest, ServiceError
+from service.metadata import (
+    INPUT_NAME,
+    LOGITS_NAME,
+    OUTPUT_NAMES,
+    PROBABILITIES_NAME,
+)
 from service.postprocess import top_predictions
-from service.registry import ServedModel
-from service.routes.deps import AppContext
-from service.routes.images import infer, run_files
+from service.registry import Loaded, ServedModel
 from service.v2.codec import BYTES, Tensor, encode_output, reject_shared_memory
 from service.v2.schemas import InferRequest
 
 IMAGE_NAME = "image"
-OUTPUT_NAMES = (LOGITS_NAME, PROBABILITIES_NAME, EMBEDDING_NAME)
 CLASS_OUTPUTS = (LOGITS_NAME, PROBABILITIES_NAME)
 FP32 = "FP32"
 
@@ -44,19 +46,12 @@ class OutputSpec:
     classification: int | None = None
 
 
-def engine_of(served: ServedModel) -> Engine:
-    """The model's engine; 503 when it was unloaded since the request resolved it."""
-    if served.engine is None:
-        raise ModelNotReady(f"model {served.name!r} version {served.version} was unloaded")
-    return served.engine
-
-
-def output_specs(request: InferRequest, served: ServedModel) -> list[OutputSpec]:
+def output_specs(request: InferRequest, served: ServedModel, loaded: Loaded) -> list[OutputSpec]:
     """The outputs asked for (all by default), checked before anything runs."""
     default_binary = request.parameters.binary_data_output
     if request.outputs is None:
         return [OutputSpec(name, default_binary) for name in OUTPUT_NAMES]
-    num_classes = engine_of(served).num_classes
+    num_classes = loaded.engine.num_classes
     specs = []
     for output in request.outputs:
         params = output.parameters
@@ -84,9 +79,9 @@ def output_specs(request: InferRequest, served: ServedModel) -> list[OutputSpec]
     return specs
 
 
-def single_input(tensors: Sequence[Tensor], served: ServedModel) -> Tensor:
+def single_input(tensors: Sequence[Tensor], loaded: Loaded) -> Tensor:
     """The one input of the request, with its datatype and shape checked against the model."""
-    size = engine_of(served).input_size
+    size = loaded.engine.input_size
     expected = {
         INPUT_NAME: f"{FP32} [N, 3, {size}, {size}] (preprocessed)",
         IMAGE_NAME: f"{BYTES} [N] (encoded image files)",
@@ -116,19 +111,16 @@ def single_input(tensors: Sequence[Tensor], served: ServedModel) -> Tensor:
 
 
 async def run(
-    request: Request, served: ServedModel, context: AppContext, tensor: Tensor
+    request: Request, served: ServedModel, dataplane: DataPlane, tensor: Tensor
 ) -> list[Outputs]:
-    """Each row's outputs, through the model's batcher (the same queue as /predict)."""
-    limit = context.settings.max_images_per_request
+    """Each row's outputs, through the data plane (the same queue as /predict)."""
     rows = tensor.shape[0]
-    if rows > limit:
-        raise PayloadTooLarge(f"a batch of {rows}; at most {limit} per request")
+    dataplane.check_count(rows, f"a batch of {rows}")
     if tensor.name == INPUT_NAME:
-        context.metrics.images.labels(served.name).inc(rows)
-        return await infer(request, served, list(tensor.data))
+        return await dataplane.run_rows(request, served, list(tensor.data))
     files = [(f"input 'image' element {i + 1}", _image_bytes(tensor, i)) for i in range(rows)]
     try:
-        return await run_files(request, served, context, files)
+        return await dataplane.run_images(request, served, files)
     except ServiceError as exc:
         # An image that cannot be decoded is bad data: the protocol's 400, not 415/422.
         if exc.status in (415, 422):

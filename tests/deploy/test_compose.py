@@ -103,6 +103,9 @@ def test_serving_service(
     environment = spec["environment"]
     assert set(environment) <= settings_env_names
     settings = settings_from_env({k: _default(v) for k, v in environment.items() if v is not None})
+    # Passed through from the shell, so model control and keys can be turned on; off unset.
+    assert {"RESNET_SERVE_MODEL_CONTROL", "RESNET_SERVE_API_KEYS"} <= set(environment)
+    assert settings.model_control == "none" and settings.api_keys == ()
     assert spec["ports"] == [f"${{RESNET_SERVE_PUBLISH_PORT:-8000}}:{settings.port}"]
 
     (volume,) = spec["volumes"]

@@ -147,6 +147,7 @@ def test_deployment(
     assert set(config_map["data"]) <= settings_env_names
     settings = settings_from_env(config_map["data"])
     assert str(settings.models_dir) == "/models"
+    assert settings.model_control == "none"  # nobody in the cluster can unload the model
     (port,) = container["ports"]
     assert port == {"name": "http", "containerPort": settings.port, "protocol": "TCP"}
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(settings.port)
@@ -223,6 +224,7 @@ def test_kserve_predictor(
     assert set(env) <= settings_env_names
     settings = settings_from_env(env)
     assert str(settings.models_dir) == "/models"
+    assert settings.model_control == "none"  # nobody in the cluster can unload the model
     (port,) = container["ports"]
     assert port["containerPort"] == settings.port
     _check_serving_container(container, settings.port, parsed_dockerfile)

@@ -321,6 +321,12 @@ def test_compressed_requests(
 def test_openapi_documents_the_v2_routes(server: Server) -> None:
     spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
     infer = spec["paths"]["/v2/models/{model}/versions/{version}/infer"]["post"]
+    assert [(p["name"], p["in"]) for p in infer["parameters"]] == [
+        ("model", "path"),
+        ("version", "path"),
+    ]
+    latest = spec["paths"]["/v2/models/{model}/infer"]["post"]
+    assert [p["name"] for p in latest["parameters"]] == ["model"]
     body = infer["requestBody"]["content"]
     assert set(body) == {"application/json", "application/octet-stream"}
     assert set(body["application/json"]["schema"]["properties"]) == {

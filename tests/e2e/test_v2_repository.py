@@ -87,7 +87,7 @@ def connect(server: Server) -> Client:
 @pytest.fixture(scope="module")
 def own_server(launch: Callable[..., Server], repo: Path) -> Server:
     # Never ready as a whole (broken fails to load): wait for every model to settle.
-    server = launch(repo, "--max-batch-size", "4", ready=False)
+    server = launch(repo, "--max-batch-size", "4", "--model-control", "explicit", ready=False)
     with connect(server) as client:
         wait_for(
             lambda: (
@@ -231,3 +231,31 @@ def test_load_and_unload_errors(client: Client, repo: Path) -> None:
     assert message.startswith("model 'broken' did not load: version 1 failed to load: ")
     assert failure(lambda: client.unload_model("nope"))[0] == 404
     assert client.is_model_ready("cifar")
+
+
+EXPLICIT_WARNING = "model_control is 'explicit' without api_keys: anyone who reaches the port"
+
+
+def test_explicit_model_control_without_keys_warns_at_start(own_server: Server) -> None:
+    assert EXPLICIT_WARNING in own_server.log.read_text()
+
+
+def test_model_control_is_off_by_default(server: Server) -> None:
+    """The session's server runs with the defaults: nobody can unload its only model."""
+    with server.client() as http:
+        for action in ("load", "unload"):
+            response = http.post(f"/v2/repository/models/cifar10-resnet20/{action}")
+            assert response.status_code == 403, action
+            assert response.json() == {
+                "error": f"model control is off: this server does not {action} models at run "
+                "time. Start it with --model-control explicit "
+                "(RESNET_SERVE_MODEL_CONTROL=explicit), together with --api-keys, to allow "
+                "load and unload"
+            }
+        index = http.post("/v2/repository/index")  # the index stays readable
+        assert index.status_code == 200
+        assert {"name": "cifar10-resnet20", "version": "1", "state": "READY", "reason": ""} in (
+            index.json()
+        )
+        assert http.get("/readyz").status_code == 200  # still serving
+    assert EXPLICIT_WARNING not in server.log.read_text()

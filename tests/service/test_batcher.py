@@ -106,9 +106,9 @@ async def test_a_lone_row_runs_at_once_in_the_calling_thread(gated: GatedRun) ->
     metrics = Metrics()
     batcher = make(gated)
     batcher._observer = metrics.batch_observer("test", 1)
-    batcher.decoding = 1  # only the caller's own request is being decoded
     gated.gate.set()
-    outputs = await asyncio.to_thread(batcher.run_alone, row(3))
+    with batcher.decoding():  # only the caller's own request is being decoded
+        outputs = await asyncio.to_thread(batcher.run_alone, row(3))
     assert outputs is not None and float(outputs["double"][0]) == 6.0
     assert gated.batches == [[3.0]] and batcher.depth == 0
     assert (
@@ -122,14 +122,14 @@ async def test_a_lone_row_runs_at_once_in_the_calling_thread(gated: GatedRun) ->
 
 async def test_a_row_is_not_alone_when_others_are_pending(gated: GatedRun) -> None:
     batcher = make(gated)
-    batcher.decoding = 2  # another request is being decoded: it may join a batch
-    assert batcher.run_alone(row(1)) is None
-    batcher.decoding = 1
-    running = batcher.submit([row(1)])
-    assert await gated.next_batch() == [1.0]  # a batch is running (and holds the engine)
-    assert batcher.run_alone(row(2)) is None
-    queued = batcher.submit([row(3)])  # and one is queued
-    assert batcher.run_alone(row(4)) is None
+    with batcher.decoding(), batcher.decoding():  # another request is being decoded too
+        assert batcher.run_alone(row(1)) is None  # so this one may join a batch
+    with batcher.decoding():
+        running = batcher.submit([row(1)])
+        assert await gated.next_batch() == [1.0]  # a batch is running (and holds the engine)
+        assert batcher.run_alone(row(2)) is None
+        queued = batcher.submit([row(3)])  # and one is queued
+        assert batcher.run_alone(row(4)) is None
     gated.gate.set()
     assert await results(running + queued) == [2.0, 6.0]
     assert gated.batches == [[1.0], [3.0]]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import ModelNotFound, ModelNotReady, ModelRequired
+from service.errors import ModelNotFound, ModelNotReady, ModelRequired, ShuttingDown
 from service.metrics import Metrics
 from service.registry import ModelRegistry, State
 from service.repository import RepositoryError, scan
@@ -80,9 +80,13 @@ async def test_load_resolve_and_unload(tmp_path: Path, cifar_model_file: Path) -
 
     await models.unload("broken")
     assert models.readiness() == (True, "all models are ready")
-    batcher = served.batcher
+    loaded = served.require_loaded()
     await models.unload("cifar")
-    assert batcher is not None and served.batcher is None
+    assert served.loaded is None and served.state is State.UNLOADED
+    with pytest.raises(ModelNotReady, match="model 'cifar' version 2 was unloaded"):
+        served.require_loaded()  # a request that resolved it before the unload gets a 503
+    with pytest.raises(ShuttingDown):
+        loaded.batcher.submit([])  # its batcher was stopped
     with pytest.raises(ModelNotFound, match="unknown model 'cifar'; served models: none"):
         models.resolve(None, None)  # the configured default is gone
     await models.load("cifar")  # back at run time, from the repository
