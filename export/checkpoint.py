@@ -1,18 +1,16 @@
 """Checkpoints: load safely, find the state_dict inside, and apply it with a clear mismatch report.
 
-Accepted layouts: a plain state_dict; a dict wrapping it under ``state_dict``, ``model`` or
-``model_state_dict`` (the training script of this project writes ``model`` plus ``arch``,
-``classes``, ``mean``, ``std`` and ``input_size``); keys prefixed ``module.`` (DataParallel)
-or ``_orig_mod.`` (``torch.compile``). Files are read with ``weights_only=True`` only: a
-checkpoint never runs code.
+Accepted layouts: this project's training checkpoint (:mod:`export.train.checkpoint`, which
+also supplies the arch, labels, mean, std and input size); a plain state_dict; a dict
+wrapping it under ``state_dict``, ``model`` or ``model_state_dict``; keys prefixed
+``module.`` (DataParallel) or ``_orig_mod.`` (``torch.compile``). Files are read with
+``weights_only=True`` only: a checkpoint never runs code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from export.errors import ExportError
+from export.train import checkpoint as training
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +53,9 @@ def sha256_of(path: Path) -> str:
 
 def load(path: Path) -> Checkpoint:
     """Read ``path`` with ``torch.load(weights_only=True)`` and find its state_dict."""
-    if not path.is_file():
-        raise ExportError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if found is None:
-            detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(exc))
-            reason = detail.group(1).strip() if detail else type(exc).__name__
-            raise ExportError(f"checkpoint {path} is not a readable torch file ({reason})") from exc
-        raise ExportError(
-            f"checkpoint {path} cannot be loaded with weights_only=True: it pickles "
-            f"{found.group(1)}, and loading it would run code; re-save the tensors only, "
-            "e.g. torch.save(model.state_dict(), path)"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ExportError(f"checkpoint {path} is not a readable torch file: {exc}") from exc
+    obj = training.read(path)
+    if training.is_training_checkpoint(obj):
+        return _from_training(training.TrainingCheckpoint.from_dict(obj, path), path)
     state = _find_state_dict(obj, path)
     meta = obj if isinstance(obj, Mapping) and state is not obj else {}
     return Checkpoint(
@@ -82,6 +67,25 @@ def load(path: Path) -> Checkpoint:
         mean=_triple(meta.get("mean")),
         std=_triple(meta.get("std")),
         input_size=_opt(meta, "input_size", int),
+    )
+
+
+def _from_training(ckpt: training.TrainingCheckpoint, path: Path) -> Checkpoint:
+    log.info(
+        "checkpoint: %s of python -m export.train, epoch %d, val_acc %.4f",
+        ckpt.arch,
+        ckpt.epoch,
+        ckpt.val_acc,
+    )
+    return Checkpoint(
+        path=path,
+        sha256=sha256_of(path),
+        state_dict=ckpt.state_dict,
+        arch=ckpt.arch,
+        classes=ckpt.classes,
+        mean=ckpt.mean,
+        std=ckpt.std,
+        input_size=ckpt.input_size,
     )
 
 

@@ -168,3 +168,33 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 [N, H, W, 3] images, on the 0..1 scale."""
     x = images.reshape(-1, 3).to(torch.float64) / 255.0
     return x.mean(0).tolist(), x.std(0).tolist()
+
+
+@dataclass(frozen=True)
+class TrainVal:
+    """A data set split for training: both sides, and the training side's channel statistics
+    (the normalization the model learns with, and which its checkpoint carries to serving)."""
+
+    train: Dataset
+    val: Dataset
+    classes: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def load_split(
+    source: str,
+    *,
+    size: int,
+    val_per_class: int,
+    seed: int,
+    limit: int | None = None,
+    progress: bool = True,
+) -> TrainVal:
+    """Load ``source`` (see :func:`load`) and hold ``val_per_class`` images of each class out
+    (see :func:`stratified_split`)."""
+    ds = load(source, size=size, limit=limit, progress=progress)
+    train_idx, val_idx = stratified_split(ds.targets, val_per_class, seed=seed)
+    train = ds.subset(train_idx)
+    (mr, mg, mb), (sr, sg, sb) = channel_stats(train.images)
+    return TrainVal(train, ds.subset(val_idx), ds.classes, (mr, mg, mb), (sr, sg, sb))

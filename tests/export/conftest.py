@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pytest
 import torch
 from export_testlib import trained_like, training_checkpoint
+from PIL import Image
 from torch import nn
 
 from export.api import ExportResult, export_model
+from export.labels import CIFAR10_CLASSES
+from export.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR_TAR = REPO.parent / "shared" / "datasets" / "cifar10-train.tar.gz"
@@ -46,11 +50,38 @@ def cifar_jpegs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def data_source(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small ImageFolder to train on: real CIFAR-10 JPEGs from the shared tarball where it
+    exists, generated images (one mean colour per class, something to learn) where it does
+    not. 30 per class, so the default split (500 per class) holds out 6 of each."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    per_class = 30
+    if CIFAR_TAR.exists():
+        taken: dict[str, int] = {}
+        with tarfile.open(CIFAR_TAR) as tar:
+            for member in tar:
+                path = PurePosixPath(member.name)
+                cls = path.parent.name
+                if member.isfile() and path.suffix == ".jpg" and taken.get(cls, 0) < per_class:
+                    taken[cls] = taken.get(cls, 0) + 1
+                    (root / cls).mkdir(exist_ok=True)
+                    (root / cls / path.name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+        return str(root)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(CIFAR10_CLASSES):
+        (root / name).mkdir()
+        for j in range(per_class):
+            pixels = rng.normal(25 * i, 40, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{j:04d}.jpg", quality=75)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
 def trained_r20(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
     """A trained-looking ResNet-20 (option A) and its training-script checkpoint file."""
     model = trained_like("cifar-resnet20", seed=20)
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    torch.save(training_checkpoint(model, "cifar-resnet20"), path)
+    checkpoint.save(training_checkpoint(model, "cifar-resnet20"), path)
     return model, path
 
 
