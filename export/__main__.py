@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import get_args
 
 from export import builders, onnx_export, verify
-from export.api import export_model
+from export.api import ExportResult, export_model
 from export.errors import ExportError
 from service.metadata import TestTimeAugmentation
 
@@ -20,10 +20,17 @@ that feed the final linear layer). Labels, preprocessing and provenance are stor
 file's metadata; PyTorch and ONNX Runtime are compared at batch sizes 1 and 8 and the
 export fails if they differ beyond a float32 tolerance.
 
-architectures:
+sources (the positional argument):
   torchvision   {tv}
   CIFAR         cifar-resnet<6n+2> (v1, option A shortcuts; 20, 32, 44, 56, 110),
                 cifar-resnet<6n+2>-b (v1, option B), cifar-preact-resnet<9n+2> (v2; 56, 110, 164)
+  timm          timm/<model name>, e.g. timm/resnet50d, timm/resnetv2_50, timm/seresnext50_32x4d
+                (random weights, --checkpoint FILE, or --weights <pretrained tag> online)
+  Hub folder    a directory as `huggingface-cli download` leaves it: a timm folder
+                (config.json with `architecture`) or a transformers ResNet folder
+                (config.json with "model_type": "resnet" and preprocessor_config.json)
+  ONNX file     FILE.onnx written by another tool: adopted with the card given by
+                --labels, --input-size, --resize, --mean and --std
   your own      package.module:function  (importable from . or --code-path; called with
                 num_classes=len(labels) if it takes that argument)
 """
@@ -40,7 +47,8 @@ examples:
 checkpoints: a state_dict, or a dict holding one under state_dict / model / model_state_dict
 (keys may carry a `module.` prefix); read with torch.load(weights_only=True). This project's
 training checkpoints (python -m export.train) also supply labels, mean, std and input size.
-Exit status 0 on success; 1 with a one-line `error: ...` on stderr otherwise.
+Exit status 0 on success; 2 with a one-line `error: ...` on stderr for a problem with the
+input (1 for an unexpected failure; --debug shows its traceback).
 """
 
 
@@ -51,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("arch", help="architecture (see above)")
+    p.add_argument(
+        "arch", metavar="SOURCE", help="architecture, Hub folder or ONNX file (see above)"
+    )
     src = p.add_argument_group("weights")
     src.add_argument(
         "--weights",
@@ -153,39 +163,74 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("export").setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
-        result = export_model(
-            args.arch,
-            out=args.out,
-            name=args.name,
-            version=args.version,
-            weights=args.weights,
-            checkpoint_path=args.checkpoint,
-            code_path=args.code_path,
-            labels=args.labels,
-            input_size=args.input_size,
-            resize=args.resize,
-            mean=args.mean,
-            std=args.std,
-            interpolation=args.interpolation,
-            channel_order=args.channel_order,
-            embedding_layer=args.embedding_layer,
-            tta=args.tta,
-            verify_images=args.verify_images,
-            batch_sizes=tuple(args.verify_batch_sizes),
-            tolerance=args.tolerance,
-            opset=args.opset,
-            overwrite=args.overwrite,
-        )
+        adopting = args.arch.lower().endswith(".onnx")
+        result = _adopt(args) if adopting else _export(args)
     except Exception as exc:
         if args.debug:
             raise
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if not isinstance(exc, ExportError):
-            reason = f"{type(exc).__name__}: {reason}"
+            print(f"error: {type(exc).__name__}: {reason} (--debug shows where)", file=sys.stderr)
+            return 1
         print(f"error: {reason}", file=sys.stderr)
-        return 1
+        return 2
     print(f"{result.path}  ({result.card.num_classes} classes, version {result.version})")
     return 0
+
+
+def _adopt(args: argparse.Namespace) -> ExportResult:
+    """An ONNX file another tool wrote, adopted into the repository with its card."""
+    from export.adopt import adopt_onnx
+
+    for flag in ("weights", "checkpoint", "code_path", "embedding_layer"):
+        if getattr(args, flag) not in (None, "none"):
+            raise ExportError(f"--{flag.replace('_', '-')} does not apply to an ONNX file")
+    if args.tta != "none":
+        raise ExportError("--tta does not apply to an ONNX file: it is added at PyTorch export")
+    return adopt_onnx(
+        Path(args.arch),
+        out=args.out,
+        name=args.name,
+        version=args.version,
+        labels=args.labels,
+        input_size=args.input_size,
+        resize=args.resize,
+        mean=args.mean,
+        std=args.std,
+        interpolation=args.interpolation,
+        channel_order=args.channel_order,
+        verify_images=args.verify_images,
+        batch_sizes=tuple(args.verify_batch_sizes),
+        tolerance=args.tolerance,
+        overwrite=args.overwrite,
+    )
+
+
+def _export(args: argparse.Namespace) -> ExportResult:
+    """A PyTorch model (an architecture, or a Hub folder) exported and verified."""
+    return export_model(
+        args.arch,
+        out=args.out,
+        name=args.name,
+        version=args.version,
+        weights=args.weights,
+        checkpoint_path=args.checkpoint,
+        code_path=args.code_path,
+        labels=args.labels,
+        input_size=args.input_size,
+        resize=args.resize,
+        mean=args.mean,
+        std=args.std,
+        interpolation=args.interpolation,
+        channel_order=args.channel_order,
+        embedding_layer=args.embedding_layer,
+        tta=args.tta,
+        verify_images=args.verify_images,
+        batch_sizes=tuple(args.verify_batch_sizes),
+        tolerance=args.tolerance,
+        opset=args.opset,
+        overwrite=args.overwrite,
+    )
 
 
 if __name__ == "__main__":

@@ -80,15 +80,25 @@ class Provenance(_Frozen):
     """Where the weights came from and how the file was made."""
 
     arch: str
-    source: Literal["torchvision", "cifar", "custom"]
+    source: Literal["torchvision", "cifar", "custom", "timm", "transformers", "onnx"]
     weights: str | None = Field(
-        default=None, description="torchvision weights name or checkpoint file name."
+        default=None,
+        description="torchvision weights name or pretrained tag, or the weights file's name.",
     )
     checkpoint_sha256: str | None = None
+    library: str | None = Field(
+        default=None,
+        description="The library the model came from and its version, e.g. 'timm 1.0.31'.",
+    )
+    config_sha256: str | None = Field(
+        default=None, description="SHA-256 of the Hub folder's config.json, for a folder."
+    )
     trained: bool
     opset: int
     exporter_version: str
-    torch_version: str
+    torch_version: str | None = Field(
+        default=None, description="None for an ONNX file adopted without PyTorch."
+    )
     exported_at: str = Field(description="UTC time of the export, ISO 8601.")
     test_time_augmentation: TestTimeAugmentation = Field(
         default="none",
@@ -97,7 +107,10 @@ class Provenance(_Frozen):
 
 
 class Verification(_Frozen):
-    """PyTorch versus ONNX Runtime on the same inputs, measured at export time."""
+    """The reference versus ONNX Runtime on the same inputs, measured at export time.
+
+    The reference is the PyTorch model, or for an adopted ONNX file the original file.
+    """
 
     inputs: str = Field(description="What was fed: 'random' or the image folder used.")
     batch_sizes: tuple[int, ...]
@@ -127,8 +140,12 @@ class ModelCard(_Frozen):
         for key in _KEYS:
             value = getattr(self, key)
             if value is not None:
+                # Fields at their default stay out, so older servers read newer files
+                # that do not use a newer field (see the module docstring).
                 props[key] = json.dumps(
-                    value if key == "labels" else value.model_dump(mode="json"),
+                    value
+                    if key == "labels"
+                    else value.model_dump(mode="json", exclude_defaults=True),
                     separators=(",", ":"),
                 )
         return props

@@ -1,4 +1,4 @@
-"""``python -m export``: help with examples, a model on success, one line and exit 1 on failure."""
+"""``python -m export``: help with examples, a model on success, one line, exit 2 on bad input."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from service.metadata import ModelCard
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_help_shows_the_three_sources(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_shows_every_source(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
@@ -27,7 +27,8 @@ def test_help_shows_the_three_sources(capsys: pytest.CaptureFixture[str]) -> Non
     assert "--checkpoint runs/r20/best.pt --out models --name cifar10-resnet20" in out
     assert "python -m export my_models.resnet:resnet20 --checkpoint r20.th" in out
     assert "cifar-preact-resnet<9n+2>" in out and "wide_resnet50_2" in out
-    assert "Exit status 0 on success; 1 with a one-line `error: ...`" in out
+    assert "timm/<model name>" in out and "Hub folder" in out and "FILE.onnx" in out
+    assert "Exit status 0 on success; 2 with a one-line `error: ...`" in out
 
 
 def test_user_module_export(
@@ -79,7 +80,7 @@ def test_failures_are_one_line(
     argv = [*args, "--out", str(tmp_path)]
     if "--name" not in argv:
         argv += ["--name", "m"]
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(reason)
     assert list(tmp_path.iterdir()) == []
@@ -93,7 +94,7 @@ def test_mismatched_checkpoint_is_one_line(
 
     torch.save(cifar_resnet.build("cifar-resnet32").state_dict(), ckpt)
     assert main(["cifar-resnet20", "--checkpoint", str(ckpt), "--out", str(tmp_path),
-                 "--name", "m"]) == 1  # fmt: skip
+                 "--name", "m"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("error: checkpoint does not match cifar-resnet20: 72 unexpected keys (")
@@ -111,7 +112,7 @@ def test_offline_weights_fail_with_a_clear_reason(tmp_path: Path) -> None:
          "--out", str(tmp_path / "models"), "--name", "r18"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [proc.stderr.splitlines()[-1]]
     assert errors[0].startswith(
