@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from export import builders, onnx_export, verify
-from export.api import ExportResult, export_model
+from export import agreement, builders, onnx_export
+from export.api import export_model
 from export.errors import ExportError
+from export.repository import ExportResult
 from service.metadata import TestTimeAugmentation
 
 DESCRIPTION = """\
@@ -145,12 +146,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--verify-images", type=Path, help="folder of images to verify on (default: random images)"
     )
     ver.add_argument(
-        "--verify-batch-sizes", type=int, nargs="+", default=list(verify.BATCH_SIZES), metavar="N"
+        "--verify-batch-sizes",
+        type=int,
+        nargs="+",
+        default=list(agreement.BATCH_SIZES),
+        metavar="N",
     )
     ver.add_argument(
         "--tolerance",
         type=float,
-        default=verify.TOLERANCE,
+        default=agreement.TOLERANCE,
         help="largest allowed relative difference (default: %(default)s)",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -7,36 +7,24 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from export import builders, checkpoint, onnx_export, verify
+from export import agreement, builders, checkpoint, onnx_export, verify
 from export.errors import ExportError
 from export.features import FlipAverage, WithEmbedding
 from export.labels import read_labels
+from export.repository import ExportResult, target
 from service.metadata import ModelCard, Preprocessing, Provenance, TestTimeAugmentation
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """Where the model went and what its card says; ``report`` is the verification table."""
-
-    path: Path
-    version: int
-    card: ModelCard
-    report: str
 
 
 def export_model(
@@ -58,8 +46,8 @@ def export_model(
     embedding_layer: str | None = None,
     tta: TestTimeAugmentation = "none",
     verify_images: Path | str | None = None,
-    batch_sizes: tuple[int, ...] = verify.BATCH_SIZES,
-    tolerance: float = verify.TOLERANCE,
+    batch_sizes: tuple[int, ...] = agreement.BATCH_SIZES,
+    tolerance: float = agreement.TOLERANCE,
     opset: int = onnx_export.DEFAULT_OPSET,
     overwrite: bool = False,
 ) -> ExportResult:
@@ -83,7 +71,7 @@ def export_model(
         raise ExportError("give either --weights or --checkpoint, not both")
     if not batch_sizes or min(batch_sizes) < 1:
         raise ExportError(f"verification batch sizes must be >= 1, got {batch_sizes}")
-    target_dir, version = _target(out, name, version, overwrite=overwrite)
+    target_dir, version = target(out, name, version, overwrite=overwrite)
 
     ckpt = checkpoint.load(checkpoint_path) if checkpoint_path is not None else None
     if ckpt is not None and ckpt.arch is not None and ckpt.arch != arch:
@@ -146,10 +134,10 @@ def export_model(
         images, inputs = verify.random_images(n, pre), "random"
     onnx_export.set_metadata(proto, card.to_metadata_props())
     results = verify.compare(model, proto.SerializeToString(), images, batch_sizes=batch_sizes)
-    figures = verify.summarize(results, inputs=inputs, tolerance=tolerance)
-    text = verify.report(results, figures)
+    figures = agreement.summarize(results, inputs=inputs, tolerance=tolerance)
+    text = agreement.report(results, figures)
     log.info("%s", text)
-    verify.check(figures)
+    agreement.check(figures)
 
     card = card.model_copy(update={"verification": figures})
     onnx_export.set_metadata(proto, card.to_metadata_props())
@@ -158,25 +146,6 @@ def export_model(
     seconds = time.perf_counter() - started
     log.info("wrote %s (%.1f MB) in %.1fs", path, path.stat().st_size / 1e6, seconds)
     return ExportResult(path=path, version=version, card=card, report=text)
-
-
-def next_version(model_dir: Path) -> int:
-    """One more than the highest numbered version under ``model_dir`` (1 when none)."""
-    taken = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
-    return max(taken, default=0) + 1
-
-
-def _target(out: Path, name: str, version: int | None, *, overwrite: bool) -> tuple[Path, int]:
-    if not _NAME.match(name):
-        raise ExportError(f"model name {name!r} may hold only letters, digits, '.', '_' and '-'")
-    if version is None:
-        version = next_version(out / name)
-    elif version < 1:
-        raise ExportError(f"--version must be >= 1, got {version}")
-    target = out / name / str(version)
-    if (target / "model.onnx").exists() and not overwrite:
-        raise ExportError(f"{target / 'model.onnx'} exists; pick another --version or --overwrite")
-    return target, version
 
 
 def _labels(labels: Path | str | Sequence[str] | None) -> tuple[str, ...] | None:

@@ -17,8 +17,9 @@ from export_testlib import trained_like, training_checkpoint
 from PIL import Image
 from torch import nn
 
-from export.api import ExportResult, export_model
+from export.api import export_model
 from export.labels import CIFAR10_CLASSES
+from export.repository import ExportResult
 from export.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,8 +17,9 @@ from export_testlib import (
 from torch import nn
 
 from export import checkpoint, cifar_resnet
-from export.api import ExportResult, export_model
+from export.api import export_model
 from export.errors import ExportError
+from export.repository import ExportResult
 
 Save = Callable[[object, str], Path]
 

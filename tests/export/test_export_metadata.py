@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from export import builders
-from export.api import ExportResult
 from export.labels import CIFAR10_CLASSES
+from export.repository import ExportResult
 from service.metadata import FORMAT, ModelCard
 
 V2 = "IMAGENET1K_V2"

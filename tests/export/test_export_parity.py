@@ -20,7 +20,8 @@ import torchvision
 from export_testlib import perturb, trained_like
 from torch import Tensor, nn
 
-from export.api import ExportResult, export_model
+from export.api import export_model
+from export.repository import ExportResult
 from export.verify import folder_images
 from service.metadata import ModelCard
 

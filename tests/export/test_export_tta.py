@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from export.__main__ import parse_args
-from export.api import ExportResult, export_model
+from export.api import export_model
+from export.repository import ExportResult
 from service.metadata import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME
 
 

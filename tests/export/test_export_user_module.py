@@ -10,9 +10,10 @@ import pytest
 import torch
 from export_testlib import perturb
 
-from export.api import ExportResult, export_model, next_version
+from export.api import export_model
 from export.builders import load_factory
 from export.errors import ExportError
+from export.repository import ExportResult, next_version
 
 FACTORY = "tiny_models.nets:tiny_resnet"
 LABELS = ("alpha", "beta", "gamma", "delta", "epsilon")
