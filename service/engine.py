@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import platform
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,21 @@ def cuda_missing(available: Iterable[str]) -> str | None:
     )
 
 
+def has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI; None on other machines (ARM), where U8S8 is exact.
+
+    Without VNNI, x86's U8S8 integer kernels can saturate on 8-bit weights (ONNX Runtime's
+    quantization docs), which is why INT8 variants use 7-bit weights unless told otherwise.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return None
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float32, stable for large logits."""
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -147,6 +163,30 @@ class Engine:
         elif wanted[0] != self.provider:
             log.warning("%s: asked for %s, running on %s", path, wanted[0], self.provider)
         self.num_classes, self.embedding_dim = self._check_signature()
+        self._warn_about_precision()
+
+    def _warn_about_precision(self) -> None:
+        """Say when a precision variant runs where it is slow or may be inexact."""
+        q = self.card.quantization
+        if q is None:
+            return
+        if q.precision == "fp16" and self.provider == CPU:
+            log.warning(
+                "%s: an fp16 model on the CPU provider runs slower than its fp32 source; "
+                "fp16 is meant for GPUs (serve the fp32 or an int8 variant on CPUs)",
+                self.path,
+            )
+        if q.precision == "int8" and q.reduce_range is False and has_vnni() is False:
+            log.warning(
+                "%s: int8 with 8-bit weights on an x86 CPU without VNNI may saturate and lose "
+                "accuracy; make the variant with --reduce-range on for this CPU",
+                self.path,
+            )
+
+    @property
+    def precision(self) -> str:
+        """fp32, int8 or fp16 (the card's word)."""
+        return self.card.precision
 
     @property
     def input_size(self) -> int:

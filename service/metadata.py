@@ -47,7 +47,7 @@ GRAPH_OUTPUTS = (LOGITS_NAME, EMBEDDING_NAME)
 OUTPUT_NAMES = (LOGITS_NAME, PROBABILITIES_NAME, EMBEDDING_NAME)
 """The outputs a client may ask for by name (the v2 protocol's model metadata)."""
 
-_KEYS = ("labels", "preprocessing", "provenance", "verification")
+_KEYS = ("labels", "preprocessing", "provenance", "verification", "quantization")
 
 TestTimeAugmentation = Literal["none", "flip"]
 """What the graph adds to the preprocessing: 'flip' averages each image with its mirror."""
@@ -122,6 +122,39 @@ class Verification(_Frozen):
     tolerance: float
 
 
+Precision = Literal["fp32", "int8", "fp16"]
+"""The arithmetic of a model's weights and compute; its inputs and outputs are float32."""
+
+
+class Agreement(_Frozen):
+    """A precision variant against its source model on the same images, as served."""
+
+    on: str = Field(description="The images: an --eval folder or held-back calibration images.")
+    images: int = Field(ge=1)
+    top1_agreement: float = Field(ge=0.0, le=1.0)
+    max_abs_logit_error: float
+    mean_abs_logit_error: float
+    source_accuracy: float | None = Field(default=None, description="On a labelled --eval set.")
+    accuracy: float | None = None
+
+
+class Quantization(_Frozen):
+    """How a reduced-precision variant was made from its source (``python -m export.quantize``)."""
+
+    precision: Literal["int8", "fp16"]
+    source_sha256: str
+    method: str
+    format: str
+    reduce_range: bool | None = None
+    calibration_images: int | None = None
+    calibration_sha256: str | None = Field(
+        default=None, description="SHA-256 over the calibration images' bytes, in order."
+    )
+    excluded_nodes: tuple[str, ...] = ()
+    onnxruntime_version: str
+    agreement: Agreement
+
+
 class ModelCard(_Frozen):
     """Everything the service needs to know about a model beyond its graph."""
 
@@ -129,10 +162,16 @@ class ModelCard(_Frozen):
     preprocessing: Preprocessing
     provenance: Provenance
     verification: Verification | None = None
+    quantization: Quantization | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def precision(self) -> Precision:
+        """fp32 unless the file is a variant made by ``python -m export.quantize``."""
+        return self.quantization.precision if self.quantization else "fp32"
 
     def to_metadata_props(self) -> dict[str, str]:
         """The card as ONNX ``metadata_props`` (string to string)."""

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.metadata import Preprocessing, TestTimeAugmentation
+from service.metadata import Precision, Preprocessing, TestTimeAugmentation
 
 
 class Prediction(BaseModel):
@@ -57,6 +57,9 @@ class VersionInfo(BaseModel):
     trained: bool | None = None
     test_time_augmentation: TestTimeAugmentation | None = Field(
         None, description="'flip': the model averages each image with its mirror."
+    )
+    precision: Precision | None = Field(
+        None, description="fp32, or a variant made by python -m export.quantize (int8, fp16)."
     )
     batching: BatchingInfo
     queue_depth: int = 0

@@ -66,6 +66,7 @@ def _version_info(served: ServedModel) -> VersionInfo:
         arch=card.provenance.arch if card else None,
         trained=card.provenance.trained if card else None,
         test_time_augmentation=card.provenance.test_time_augmentation if card else None,
+        precision=card.precision if card else None,
         batching=BatchingInfo(**vars(served.batching)),
         queue_depth=loaded.batcher.depth if loaded else 0,
         warmup_seconds=served.warmup_seconds,

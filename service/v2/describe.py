@@ -37,7 +37,8 @@ def _output_widths(served: ServedModel) -> dict[str, int]:
 
 def model_metadata(served: ServedModel, versions: list[int]) -> ModelMetadata:
     """Inputs and outputs with datatype and shape; -1 is the batch dimension."""
-    size = served.require_loaded().engine.input_size
+    engine = served.require_loaded().engine
+    size = engine.input_size
     return ModelMetadata(
         name=served.name,
         versions=[str(v) for v in versions],
@@ -50,6 +51,7 @@ def model_metadata(served: ServedModel, versions: list[int]) -> ModelMetadata:
             TensorMetadata(name=name, datatype=FP32, shape=[-1, width])
             for name, width in _output_widths(served).items()
         ],
+        parameters={"precision": engine.precision},
     )
 
 
@@ -100,6 +102,7 @@ def model_config(served: ServedModel) -> ModelConfig:
         parameters={
             "labels": StringParameter(string_value=json.dumps(list(card.labels))),
             "preprocessing": StringParameter(string_value=card.preprocessing.model_dump_json()),
+            "precision": StringParameter(string_value=card.precision),
         },
     )
 

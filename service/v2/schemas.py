@@ -115,6 +115,10 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    parameters: dict[str, str] = Field(
+        default_factory=dict,
+        description="The protocol's optional parameters: 'precision' (fp32, int8 or fp16).",
+    )
 
 
 class ServerLive(BaseModel):

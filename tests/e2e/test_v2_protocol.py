@@ -126,6 +126,7 @@ def test_model_metadata_has_shapes_with_a_batch_dimension(
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
             {"name": "embedding", "datatype": "FP32", "shape": [-1, 64]},
         ],
+        "parameters": {"precision": "fp32"},
     }
     assert client.get_model_metadata(MODEL) == expected
     assert client.get_model_metadata(MODEL, "1") == expected
