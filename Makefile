@@ -40,8 +40,8 @@ lint: $(VENV)/.dev  ## ruff and mypy
 	$(BIN)/ruff format --check service export tools tests
 	$(BIN)/mypy
 
-bench: $(VENV)/.dev  ## HTTP throughput and latency against the in-process ceiling
-	$(BIN)/python -m tools.bench
+bench: $(VENV)/.dev  ## HTTP throughput and latency against the in-process ceiling (BENCH_ARGS=...)
+	$(BIN)/python -m tools.bench $(BENCH_ARGS)
 
 clean:  ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info

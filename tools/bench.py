@@ -12,6 +12,11 @@ In one run, on the same images and with the same settings (threads, batch size l
    machine the throughput of both moves by 10-20 % from minute to minute: a ratio taken
    from back-to-back measurements, several times, is the figure to trust.
 
+With ``--compare OTHER`` (a second model of the same repository, e.g. its int8 variant)
+every step is run for both models on the same images with the same client, the two
+interleaved within each round, and the rounds end with OTHER's figures as a multiple of
+the first model's (in-process and over HTTP, median and range).
+
 It starts its own server (``python -m service``, settings from the same RESNET_SERVE_*
 environment) unless ``--url`` points at a running one.
 """
@@ -19,37 +24,32 @@ environment) unless ``--url`` points at a running one.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageChops
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.engine import Engine, ThreadSettings, warmup_sizes
-from service.preprocess import Preprocessor
 from service.repository import scan
 from service.settings import Settings, load_settings
+from tools.inprocess import InProcess, large_jpeg_ms, load_images, percentiles_ms
 from tools.loadgen import LoadResult, build_requests, run_load
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-train.tar.gz"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-MIN_RUNS = 4
-"""Engine runs timed at least, per batch size, however long they take."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     p.add_argument("--models", type=Path, default=None, help="model repository [settings]")
     p.add_argument("--model", default=None, help="model name (default: the first)")
+    p.add_argument(
+        "--compare", default=None, metavar="MODEL", help="a second model, measured alongside"
+    )
     p.add_argument("--url", default=None, help="benchmark this server instead of starting one")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder or .tar(.gz)")
     p.add_argument("--count", type=int, default=64, help="images to cycle through")
@@ -70,100 +70,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.repeat < 1:
         p.error(f"--repeat must be at least 1, got {args.repeat}")
     return args
-
-
-def load_images(path: Path, count: int) -> list[bytes]:
-    """Up to ``count`` image files from a folder (recursively) or a tar archive."""
-    images: list[bytes] = []
-    if path.is_dir():
-        for file in sorted(path.rglob("*")):
-            if file.suffix.lower() in IMAGE_SUFFIXES and len(images) < count:
-                images.append(file.read_bytes())
-    else:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                data = tar.extractfile(member) if member.isfile() else None
-                if data is not None and member.name.lower().endswith(IMAGE_SUFFIXES):
-                    images.append(data.read())
-                    if len(images) == count:
-                        break
-    if not images:
-        raise SystemExit(f"no images found in {path}")
-    return images
-
-
-def percentiles_ms(values: list[float]) -> tuple[float, float, float]:
-    if not values:
-        return (float("nan"),) * 3
-    p50, p95, p99 = np.percentile(np.asarray(values) * 1000.0, [50, 95, 99])
-    return float(p50), float(p95), float(p99)
-
-
-class InProcess:
-    """The service's decoding, preprocessing and engine, in this process, on its threads."""
-
-    def __init__(self, model: Path, images: list[bytes], settings: Settings) -> None:
-        threads = ThreadSettings(
-            settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning
-        )
-        self.engine = Engine(model, providers=settings.providers, threads=threads)
-        self.pre = Preprocessor(
-            self.engine.card.preprocessing,
-            max_pixels=settings.max_image_pixels,
-            draft=settings.jpeg_draft,
-        )
-        self.images = images
-        self.sizes = warmup_sizes(settings.max_batch_size)  # the sizes the server warms up
-        self.engine.warm_up(self.sizes)
-        self.pool = ThreadPoolExecutor(settings.effective_preprocess_threads())
-
-    def close(self) -> None:
-        self.pool.shutdown()
-
-    def rate(self, size: int, seconds: float) -> float:
-        """Images/s at batch ``size``: decode in the pool, then one engine run per batch."""
-        done, index, start = 0, 0, time.perf_counter()
-        # At least MIN_RUNS batches: a ResNet-50 batch of 32 takes over a second here.
-        while done < MIN_RUNS * size or time.perf_counter() - start < seconds:
-            chunk = [self.images[(index + i) % len(self.images)] for i in range(size)]
-            index += size
-            self.engine.run(np.stack(list(self.pool.map(self.pre, chunk))))
-            done += size
-        return done / (time.perf_counter() - start)
-
-    def lone_p50_ms(self, seconds: float, *, via_pool: bool) -> float:
-        """Batch-1 p50 latency, one image at a time, decoded in the pool or in this thread."""
-        latencies: list[float] = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            image = self.images[len(latencies) % len(self.images)]
-            began = time.perf_counter()
-            row = self.pool.submit(self.pre, image).result() if via_pool else self.pre(image)
-            self.engine.run(row[None])
-            latencies.append(time.perf_counter() - began)
-        return percentiles_ms(latencies)[0]
-
-
-def large_jpeg_ms(pre: Preprocessor, repeats: int = 5) -> tuple[float, float]:
-    """Median ms to preprocess a 12-megapixel JPEG (4000x3000), with and without draft mode."""
-    size = (4000, 3000)
-    gradient = Image.linear_gradient("L").resize(size)
-    photo = Image.merge("RGB", (gradient, gradient.rotate(90).resize(size), gradient.rotate(45)))
-    # Mild sensor noise: a camera JPEG of this size is a few MB, not the 10 MB of pure noise.
-    photo = ImageChops.add(photo, Image.effect_noise(size, 4).convert("RGB"), offset=-128)
-    buffer = io.BytesIO()
-    photo.save(buffer, "JPEG", quality=90)
-    data = buffer.getvalue()
-    timings = []
-    for draft in (True, False):
-        probe = Preprocessor(pre.spec, max_pixels=pre.max_pixels, draft=draft)
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            probe(data)
-            runs.append(time.perf_counter() - start)
-        timings.append(1000.0 * float(np.median(runs)))
-    return timings[0], timings[1]
 
 
 def free_port() -> int:
@@ -220,99 +126,149 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(**({"models_dir": args.models} if args.models else {}))
     entries = scan(settings.models_dir)
-    name = args.model or next(iter(entries), None)
-    if name is None or name not in entries:
-        raise SystemExit(
-            f"model {name or '(any)'} not found under {settings.models_dir}; export one, e.g. "
-            f"python -m export resnet50 --weights none --out {settings.models_dir} --name resnet50"
-        )
-    model_path = entries[name].versions[entries[name].latest]
+    name: str = args.model or next(iter(entries), "(any)")
+    names = [name] if args.compare is None else [name, args.compare]
+    for wanted in names:
+        if wanted not in entries:
+            raise SystemExit(
+                f"model {wanted} not found under {settings.models_dir}; export one, e.g. "
+                f"python -m export resnet50 --weights none --out {settings.models_dir} "
+                "--name resnet50"
+            )
     images = load_images(args.images, args.count)
-    print(f"model {name} ({model_path}), {len(images)} images from {args.images}")
+    print(f"{len(images)} images from {args.images}")
     print(
         f"threads: intra-op {settings.intra_op_threads or 'auto'}, preprocess "
         f"{settings.effective_preprocess_threads()}, cores {os.cpu_count()}"
     )
-
-    bench = InProcess(model_path, images, settings)
+    benches = {}
     try:
-        rates = {size: bench.rate(size, args.inprocess_seconds) for size in bench.sizes}
-        pooled_ms = bench.lone_p50_ms(args.inprocess_seconds, via_pool=True)
-        inline_ms = bench.lone_p50_ms(args.inprocess_seconds, via_pool=False)
+        for model in names:
+            path = entries[model].versions[entries[model].latest]
+            benches[model] = Model(model, path, images, settings)
+            benches[model].sweep(args.inprocess_seconds)
+        measure_http(args, settings, images, list(benches.values()))
+    finally:
+        for bench in benches.values():
+            bench.inprocess.close()
+    for bench in benches.values():
+        bench.summary()
+    if args.compare is not None:
+        compare(benches[names[0]], benches[names[1]])
+    return 0
+
+
+class Model:
+    """One model's in-process ceiling and HTTP figures, gathered over the rounds."""
+
+    def __init__(self, name: str, path: Path, images: list[bytes], settings: Settings) -> None:
+        self.name, self.images = name, images
+        self.inprocess = InProcess(path, images, settings)
+        self.prefix = ""
+        self.best = 1
+        self.pooled_ms = self.inline_ms = 0.0
+        self.lone: LoadResult | None = None
+        self.rounds: list[tuple[float, float]] = []  # (ceiling, HTTP) img/s
+        print(f"model {name} ({path}, {self.inprocess.engine.precision})")
+
+    def sweep(self, seconds: float) -> None:
+        """Every batch size in-process, the lone latency, and a 12 MP JPEG's preprocessing."""
+        bench = self.inprocess
+        rates = {size: bench.rate(size, seconds) for size in bench.sizes}
+        self.pooled_ms = bench.lone_p50_ms(seconds, via_pool=True)
+        self.inline_ms = bench.lone_p50_ms(seconds, via_pool=False)
         draft_ms, full_ms = large_jpeg_ms(bench.pre)
-        best = max(rates, key=rates.__getitem__)
+        self.best = max(rates, key=rates.__getitem__)
         print(
             f"12 MP JPEG -> {bench.pre.spec.crop}px input: {draft_ms:.1f} ms (draft), "
             f"{full_ms:.1f} ms (full)"
         )
         for size, rate in rates.items():
             print(f"in-process batch {size:4d}: {rate:8.1f} img/s")
-        print(f"in-process ceiling: {rates[best]:.1f} img/s at batch {best}")
+        print(f"in-process ceiling: {rates[self.best]:.1f} img/s at batch {self.best}")
         print(
-            f"in-process batch-1 p50: {pooled_ms:.2f} ms decoding in the pool (as the ceiling), "
-            f"{inline_ms:.2f} ms all in one thread"
+            f"in-process batch-1 p50: {self.pooled_ms:.2f} ms decoding in the pool (as the "
+            f"ceiling), {self.inline_ms:.2f} ms all in one thread"
         )
-        lone, rounds = measure_http(args, settings, name, images, bench, best)
-    finally:
-        bench.close()
 
-    lone_p50 = percentiles_ms(lone.latencies)[0]
-    ratios = sorted(http / ceiling for ceiling, http in rounds)
-    median = float(np.median(ratios))
-    spread = f" (median of {len(ratios)} rounds, {ratios[0]:.2f} to {ratios[-1]:.2f})"
-    print(f"ratio HTTP / in-process: {median:.2f}" + (spread if len(ratios) > 1 else ""))
-    print(
-        f"lone request p50 - in-process batch-1 p50: {lone_p50 - pooled_ms:+.2f} ms "
-        f"({lone_p50 - inline_ms:+.2f} ms against one thread)"
-    )
-    return 0
+    def summary(self) -> None:
+        if self.lone is None or not self.rounds:
+            return
+        ratios = sorted(http / ceiling for ceiling, http in self.rounds)
+        median = float(np.median(ratios))
+        spread = f" (median of {len(ratios)} rounds, {ratios[0]:.2f} to {ratios[-1]:.2f})"
+        print(
+            f"{self.prefix}ratio HTTP / in-process: {median:.2f}"
+            + (spread if len(ratios) > 1 else "")
+        )
+        lone_p50 = percentiles_ms(self.lone.latencies)[0]
+        print(
+            f"{self.prefix}lone request p50 - in-process batch-1 p50: "
+            f"{lone_p50 - self.pooled_ms:+.2f} ms ({lone_p50 - self.inline_ms:+.2f} ms against "
+            "one thread)"
+        )
+
+
+def compare(first: Model, other: Model) -> None:
+    """``other`` as a multiple of ``first``, round by round (each pair measured back to back)."""
+    for what, index in (("in-process", 0), ("HTTP", 1)):
+        ratios = sorted(
+            b[index] / a[index] for a, b in zip(first.rounds, other.rounds, strict=True)
+        )
+        print(
+            f"{other.name} / {first.name} {what}: {float(np.median(ratios)):.2f}x "
+            f"(median of {len(ratios)} rounds, {ratios[0]:.2f} to {ratios[-1]:.2f})"
+        )
 
 
 def measure_http(
-    args: argparse.Namespace,
-    settings: Settings,
-    name: str,
-    images: list[bytes],
-    bench: InProcess,
-    best: int,
-) -> tuple[LoadResult, list[tuple[float, float]]]:
-    """The lone client, then ``--repeat`` rounds of (ceiling, HTTP load), each as img/s.
+    args: argparse.Namespace, settings: Settings, images: list[bytes], models: list[Model]
+) -> None:
+    """Each model's lone client, then ``--repeat`` rounds of (ceiling, HTTP load) per model.
 
     Each round times the ceiling again at the best batch size, right before its load: on
     a shared machine the two then see the same conditions, and the ratio does not use the
-    sweep's maximum, which noise biases upwards.
+    sweep's maximum, which noise biases upwards. With two models, their measurements
+    alternate within every round for the same reason.
     """
     server, url = (None, args.url) if args.url else start_server(settings.models_dir)
-    rounds = []
+    for model in models:
+        model.prefix = f"{model.name}: " if len(models) > 1 else ""
     try:
-        requests = build_requests(url, f"/predict?model={name}", images, "image/jpeg")
-        lone = run_load(url, requests, concurrency=1, duration=args.lone_seconds, warmup=0.5)
-        print(report("HTTP lone request   ", lone))
+        requests = {
+            m.name: build_requests(url, f"/predict?model={m.name}", images, "image/jpeg")
+            for m in models
+        }
+        for model in models:
+            model.lone = run_load(
+                url, requests[model.name], concurrency=1, duration=args.lone_seconds, warmup=0.5
+            )
+            print(report(f"{model.prefix}HTTP lone request   ", model.lone))
         for _ in range(args.repeat):
-            ceiling = bench.rate(best, args.inprocess_seconds)
-            before = batch_stats(url, name)
-            load = run_load(
-                url,
-                requests,
-                concurrency=args.concurrency,
-                duration=args.duration,
-                warmup=args.warmup,
-                processes=args.client_processes,
-            )
-            after = batch_stats(url, name)
-            batches, batched = after[0] - before[0], after[1] - before[1]
-            mean = f", mean batch {batched / batches:.1f}" if batches else ""
-            http = load.ok / load.seconds
-            print(
-                report(f"HTTP concurrency {args.concurrency:3d}", load)
-                + f"  (ceiling {ceiling:.1f} img/s, ratio {http / ceiling:.2f}{mean})"
-            )
-            rounds.append((ceiling, http))
+            for model in models:
+                ceiling = model.inprocess.rate(model.best, args.inprocess_seconds)
+                before = batch_stats(url, model.name)
+                load = run_load(
+                    url,
+                    requests[model.name],
+                    concurrency=args.concurrency,
+                    duration=args.duration,
+                    warmup=args.warmup,
+                    processes=args.client_processes,
+                )
+                after = batch_stats(url, model.name)
+                batches, batched = after[0] - before[0], after[1] - before[1]
+                mean = f", mean batch {batched / batches:.1f}" if batches else ""
+                http = load.ok / load.seconds
+                print(
+                    report(f"{model.prefix}HTTP concurrency {args.concurrency:3d}", load)
+                    + f"  (ceiling {ceiling:.1f} img/s, ratio {http / ceiling:.2f}{mean})"
+                )
+                model.rounds.append((ceiling, http))
     finally:
         if server is not None:
             server.terminate()
             server.wait(30)
-    return lone, rounds
 
 
 if __name__ == "__main__":

@@ -40,3 +40,29 @@ def test_bench_reports_ceiling_http_figures_and_ratio(cifar_model_file: Path) ->
     ratio = re.search(r"ratio HTTP / in-process: ([\d.]+) \(median of 2 rounds", out)
     assert ratio and float(ratio.group(1)) > 0, out
     assert re.search(r"lone request p50 - in-process batch-1 p50: [+-][\d.]+ ms", out), out
+
+
+def test_bench_compares_a_model_with_its_int8_variant(tmp_path: Path) -> None:
+    from export.quantize import quantize_model
+
+    shipped = FIXTURES.parents[2] / "models" / "cifar10-resnet20" / "1" / "model.onnx"
+    (tmp_path / "fp32" / "1").mkdir(parents=True)
+    (tmp_path / "fp32" / "1" / "model.onnx").symlink_to(shipped)
+    quantize_model(
+        shipped, precision="int8", out=tmp_path, name="int8", calibration=FIXTURES, count=40,
+        held_back=10, progress=False,
+    )  # fmt: skip
+    command = [sys.executable, "-m", "tools.bench", "--models", str(tmp_path), "--model", "fp32"]
+    command += ["--compare", "int8", "--images", str(FIXTURES), "--count", "16"]
+    command += ["--concurrency", "4", "--duration", "0.5", "--warmup", "0.1"]
+    command += ["--lone-seconds", "0.3", "--inprocess-seconds", "0.05", "--repeat", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "model fp32 (" in out and "model int8 (" in out and ", int8)" in out
+    for name in ("fp32", "int8"):  # interleaved: each model once per round
+        assert len(re.findall(rf"^{name}: HTTP concurrency +4: +[\d.]+ img/s", out, re.M)) == 2
+        assert re.search(rf"^{name}: ratio HTTP / in-process: [\d.]+ \(median of 2", out, re.M)
+    for what in ("in-process", "HTTP"):
+        found = re.search(rf"^int8 / fp32 {what}: ([\d.]+)x \(median of 2 rounds", out, re.M)
+        assert found and float(found.group(1)) > 0, out
