@@ -126,6 +126,7 @@ class ModelRegistry:
         self.settings = settings
         self.metrics = metrics
         self.models: dict[str, dict[int, ServedModel]] = {}
+        self._marked_default: set[str] = set()  # config.json says "default": true
         self.repository_error: str | None = None
         self.scanned = False
         self._lock = asyncio.Lock()
@@ -215,15 +216,28 @@ class ModelRegistry:
             raise ModelNotReady(f"model {name!r} version {version} is {served.reason}")
         return served
 
-    def _default_name(self) -> str:
+    def default_name(self) -> str | None:
+        """The model of requests that name none: the ``default_model`` setting, else the
+        model whose config.json says ``"default": true``, else the only model."""
         if self.settings.default_model is not None:
             return self.settings.default_model
+        marked = [name for name in self.models if name in self._marked_default]
+        if len(marked) == 1:
+            return marked[0]
         if len(self.models) == 1:
             return next(iter(self.models))
+        return None
+
+    def _default_name(self) -> str:
+        name = self.default_name()
+        if name is not None:
+            return name
         if not self.models:
             raise ModelNotReady(f"no models are served: {self.readiness()[1]}")
+        marked = [name for name in self.models if name in self._marked_default]
+        why = f', and {", ".join(marked)} all say "default": true' if marked else ""
         raise ModelRequired(
-            f"several models are served ({', '.join(self.models)}); choose one with ?model="
+            f"several models are served ({', '.join(self.models)}){why}; choose one with ?model="
         )
 
     def readiness(self) -> tuple[bool, str]:
@@ -244,6 +258,10 @@ class ModelRegistry:
 
     def _register(self, entry: ModelEntry) -> None:
         o, s = entry.overrides, self.settings
+        if o.default:
+            self._marked_default.add(entry.name)
+        else:
+            self._marked_default.discard(entry.name)
         batching = BatchingSettings(
             max_batch_size=o.max_batch_size or s.max_batch_size,
             max_delay_ms=s.max_delay_ms if o.max_delay_ms is None else o.max_delay_ms,

@@ -35,10 +35,7 @@ async def get_model(name: str, context: Context) -> ModelInfo:
 def _model_info(context: Context, name: str, *, labels: bool) -> ModelInfo:
     versions = context.registry.models[name]
     latest = versions[max(versions)]
-    settings = context.settings
-    is_default = settings.default_model == name or (
-        settings.default_model is None and len(context.registry.models) == 1
-    )
+    is_default = context.registry.default_name() == name
     return ModelInfo(
         name=name,
         latest_version=latest.version,

@@ -138,7 +138,10 @@ def _check_json(example: Example, status: int, body: dict[str, Any]) -> None:
         assert len(body["labels"]) == 10 and "cat" in body["labels"]
         return
     if "/models" in script:
-        assert [m["name"] for m in body["models"]] == ["cifar10-resnet20"]
+        models = {m["name"]: m for m in body["models"]}
+        assert list(models) == ["cifar10-resnet20", "cifar10-resnet20-int8"]
+        assert models["cifar10-resnet20"]["default"] is True  # its config.json says so
+        assert models["cifar10-resnet20-int8"]["versions"][0]["precision"] == "int8"
         return
     assert body["model"] == "cifar10-resnet20" and body["version"] == 1
     assert len(body["results"]) == example.images

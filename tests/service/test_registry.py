@@ -104,6 +104,36 @@ async def test_several_models_need_a_name(tmp_path: Path, cifar_model_file: Path
     await models.close()
 
 
+async def test_config_json_can_name_the_default_model(
+    tmp_path: Path, cifar_model_file: Path
+) -> None:
+    for name in ("a", "b", "c"):
+        add_version(tmp_path, name, 1, cifar_model_file)
+    (tmp_path / "b" / "config.json").write_text('{"default": true}')
+    models = registry(tmp_path)
+    await models.load_all()
+    assert models.resolve(None, None).name == "b" and models.default_name() == "b"
+    await models.close()
+
+    configured = registry(tmp_path, default_model="c")  # the setting wins
+    await configured.load_all()
+    assert configured.resolve(None, None).name == "c"
+    await configured.close()
+
+    (tmp_path / "a" / "config.json").write_text('{"default": true, "max_batch_size": 2}')
+    both = registry(tmp_path)
+    await both.load_all()
+    assert both.default_name() is None
+    with pytest.raises(
+        ModelRequired,
+        match=r'several models are served \(a, b, c\), and a, b all say "default": true; choose',
+    ):
+        both.resolve(None, None)
+    await both.unload("a")
+    assert both.resolve(None, None).name == "b"  # the one marked model left
+    await both.close()
+
+
 async def test_bad_config_fails_that_model_only(tmp_path: Path, cifar_model_file: Path) -> None:
     add_version(tmp_path, "a", 1, cifar_model_file)
     add_version(tmp_path, "b", 1, cifar_model_file)
