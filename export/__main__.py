@@ -45,9 +45,14 @@ examples:
       --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 --labels labels.txt \\
       --out models --name my-r20
 
-checkpoints: a state_dict, or a dict holding one under state_dict / model / model_state_dict
-(keys may carry a `module.` prefix); read with torch.load(weights_only=True). This project's
-training checkpoints (python -m export.train) also supply labels, mean, std and input size.
+checkpoints: a torch file (.pt, .pth, .th, .bin, a Lightning .ckpt) holding a state_dict, or
+a dict holding one under state_dict / model / model_state_dict, read with
+torch.load(weights_only=True); a .safetensors file; a sharded set by its index
+(model.safetensors.index.json, pytorch_model.bin.index.json); or a folder holding
+model.safetensors, pytorch_model.bin or their index. Keys may carry a wrapper's prefix
+(module., _orig_mod., model., ...): the one that fits the model's keys is removed or added.
+This project's training checkpoints (python -m export.train) also supply labels, mean, std
+and input size.
 Exit status 0 on success; 2 with a one-line `error: ...` on stderr for a problem with the
 input (1 for an unexpected failure; --debug shows its traceback).
 """

@@ -160,8 +160,10 @@ def read(path: Path) -> Any:
             raise ExportError(f"checkpoint {path} is not a readable torch file ({reason})") from exc
         raise ExportError(
             f"checkpoint {path} cannot be loaded with weights_only=True: it pickles "
-            f"{found.group(1)}, and loading it would run code; re-save the tensors only, "
-            "e.g. torch.save(model.state_dict(), path)"
+            f"{found.group(1)}, and loading it would run code; if you trust the file, re-save "
+            f"its weights alone, e.g. torch.save(torch.load('{path}', weights_only=False)"
+            "['state_dict'], 'weights.pt') (for a pickled model: .state_dict()), or save "
+            "them with safetensors.torch.save_file"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise ExportError(f"checkpoint {path} is not a readable torch file: {exc}") from exc
