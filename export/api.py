@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,14 +18,14 @@ from torch import nn
 
 from export import agreement, builders, checkpoint, onnx_export, verify
 from export.errors import ExportError
-from export.features import FlipAverage, WithEmbedding
+from export.features import FlipAverage, TimmOutputs, WithEmbedding
 from export.labels import read_labels
 from export.repository import ExportResult, target
 from service.metadata import ModelCard, Preprocessing, Provenance, TestTimeAugmentation
 
 log = logging.getLogger(__name__)
 
-Interpolation = Literal["bilinear", "bicubic", "nearest"]
+Interpolation = builders.Interpolation
 
 
 def export_model(
@@ -53,12 +54,14 @@ def export_model(
 ) -> ExportResult:
     """Export ``arch`` to ``out/name/version/model.onnx``, verified and self-describing.
 
-    ``arch`` is a torchvision ResNet (``resnet50``), a CIFAR ResNet (``cifar-resnet20``)
-    or a user factory (``package.module:function``). ``weights`` is a torchvision weights
-    name (``IMAGENET1K_V2``, ``DEFAULT``) or None/``"none"`` for random weights.
-    Preprocessing and labels come from the weights, the checkpoint or the source's
-    defaults, and any argument given here overrides them. ``tta="flip"`` puts test-time
-    augmentation into the graph (see :class:`FlipAverage`). Raises :class:`ExportError`.
+    ``arch`` is a torchvision ResNet (``resnet50``), a CIFAR ResNet (``cifar-resnet20``),
+    a timm model (``timm/resnet50d``), a Hub folder (timm or transformers, with its
+    weights) or a user factory (``package.module:function``). ``weights`` is a torchvision
+    weights name (``IMAGENET1K_V2``, ``DEFAULT``), a timm pretrained tag (``a1_in1k``) or
+    None/``"none"`` for random weights. Preprocessing and labels come from the weights,
+    the checkpoint or the source's defaults, and any argument given here overrides them.
+    ``tta="flip"`` puts test-time augmentation into the graph (see :class:`FlipAverage`).
+    Raises :class:`ExportError`.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -78,14 +81,22 @@ def export_model(
         raise ExportError(f"checkpoint {ckpt.path} was trained as {ckpt.arch}, not {arch}")
     names = _labels(labels) or (ckpt.classes if ckpt else None)
 
-    log.info("building %s (%s)", arch, _weights_text(weights, checkpoint_path))
+    log.info("building %s (%s)", arch, _weights_text(arch, weights, checkpoint_path))
     source = builders.build(
-        arch, weights=weights, num_classes=len(names) if names else None, code_path=code_path
+        arch,
+        weights=weights,
+        num_classes=len(names) if names else None,
+        code_path=code_path,
+        state=ckpt.state_dict if ckpt else None,
     )
     if ckpt is not None:
         checkpoint.apply(source.model, ckpt.state_dict, what=arch)
         log.info("loaded %d tensors from %s", len(ckpt.state_dict), ckpt.path)
-    model: nn.Module = WithEmbedding(source.model, layer=embedding_layer)
+    model: nn.Module
+    if source.kind == "timm" and embedding_layer is None:
+        model = TimmOutputs(source.model)
+    else:
+        model = WithEmbedding(source.model, layer=embedding_layer)
     if tta == "flip":
         model = FlipAverage(model)
     elif tta not in get_args(TestTimeAugmentation):
@@ -100,11 +111,19 @@ def export_model(
     num_classes, dim = _probe(model, pre.crop)
     if names is None:
         names = source.defaults.labels
+    if names is None and source.kind in ("timm", "transformers"):
+        raise ExportError(
+            f"{arch} has {num_classes} classes and no names for them (only ImageNet-1k's 1000 "
+            "are known): give their names with --labels FILE, one per line"
+        )
     if names is None:
         log.warning("no labels given: naming the %d classes class_0.. (use --labels)", num_classes)
         names = tuple(f"class_{i}" for i in range(num_classes))
     if len(names) != num_classes:
-        raise ExportError(f"the model has {num_classes} outputs but {len(names)} labels were given")
+        given = f"{labels} holds {len(names)} labels"
+        if not isinstance(labels, (str, Path)):
+            given = f"{len(names)} labels were given"
+        raise ExportError(f"the model has {num_classes} outputs but {given}")
     log.info("%s: %d classes, embedding width %d, input %dx%d", arch, num_classes, dim, pre.crop,
              pre.crop)  # fmt: skip
 
@@ -114,11 +133,13 @@ def export_model(
         labels=names,
         preprocessing=pre,
         provenance=Provenance(
-            arch=arch,
+            arch=source.arch,
             source=source.kind,
             weights=source.defaults.weights or (ckpt.path.name if ckpt else None),
-            checkpoint_sha256=ckpt.sha256 if ckpt else None,
-            trained=weights is not None or ckpt is not None,
+            checkpoint_sha256=ckpt.sha256 if ckpt else source.weights_sha256,
+            library=source.library,
+            config_sha256=source.config_sha256,
+            trained=weights is not None or ckpt is not None or source.weights_sha256 is not None,
             opset=onnx_export.graph_opset(proto),
             exporter_version=onnx_export.exporter_name(),
             torch_version=torch.__version__,
@@ -159,10 +180,12 @@ def _labels(labels: Path | str | Sequence[str] | None) -> tuple[str, ...] | None
     return tuple(labels)
 
 
-def _weights_text(weights: str | None, ckpt: Path | None) -> str:
+def _weights_text(arch: str, weights: str | None, ckpt: Path | None) -> str:
     if ckpt is not None:
         return f"checkpoint {ckpt}"
-    return f"torchvision weights {weights}" if weights else "random weights, untrained"
+    if weights is not None:
+        return f"weights {weights}"
+    return "the folder's weights" if Path(arch).is_dir() else "random weights, untrained"
 
 
 def _preprocessing(
@@ -179,12 +202,24 @@ def _preprocessing(
     """Flags first, then the checkpoint, then the source's defaults.
 
     A new crop size without a resize keeps the source's resize/crop ratio (256/224 for
-    ImageNet models, 1 for CIFAR ones).
+    ImageNet models, 1 for CIFAR ones; ``floor(crop / crop_pct)`` for timm and
+    transformers, as their transforms compute it). A source whose own transform the card
+    cannot state needs both sizes given.
     """
     d = source.defaults
+    if d.unsupported is not None:
+        if input_size is None or resize is None:
+            raise ExportError(
+                f"{d.unsupported}: give --input-size and --resize to serve it with a "
+                "shorter-side resize and a square center crop instead"
+            )
+        log.warning("%s: serving it with --resize %d --input-size %d", d.unsupported, resize,
+                    input_size)  # fmt: skip
     crop = input_size or (ckpt.input_size if ckpt else None) or d.crop
-    if resize is None:
-        resize = d.resize if crop == d.crop else round(crop * d.resize / d.crop)
+    if resize is None and crop == d.crop:
+        resize = d.resize
+    elif resize is None:
+        resize = math.floor(crop / d.crop_pct) if d.crop_pct else round(crop * d.resize / d.crop)
     if resize < crop:
         raise ExportError(f"--resize {resize} is smaller than the input size {crop}")
     for flag, values in (("--mean", mean), ("--std", std)):

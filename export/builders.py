@@ -1,8 +1,10 @@
-"""The three sources of a model: torchvision's ResNets, the CIFAR ResNets, a user's factory.
+"""The sources of a model: torchvision's ResNets, the CIFAR ResNets, a user's factory, timm
+models (``timm/<name>``, :mod:`export.timm_source`) and Hub folders (:mod:`export.hub`).
 
-Each builder returns a :class:`Source`: the model (eval mode, weights not yet from a
-checkpoint) and what the source itself knows about labels and preprocessing. Flags and
-training checkpoints override those defaults later, in :mod:`export.api`.
+Each builder returns a :class:`Source`: the model (eval mode; a Hub folder's weights
+already in, a checkpoint's not yet) and what the source itself knows about labels and
+preprocessing. Flags and training checkpoints override those defaults later, in
+:mod:`export.api`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import inspect
 import logging
 import sys
 import urllib.error
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import nn
 
 from export import cifar_resnet
@@ -44,7 +47,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-Kind = Literal["torchvision", "cifar", "custom"]
+Kind = Literal["torchvision", "cifar", "custom", "timm", "transformers"]
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +60,16 @@ class Defaults:
     crop: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    interpolation: Interpolation = "bilinear"
     weights: str | None = None
-    """torchvision weights name when pretrained weights were loaded (no checkpoint)."""
+    """The weights loaded by the source (no checkpoint): torchvision weights name, timm
+    pretrained tag, or a Hub folder's weights file name."""
+    crop_pct: float | None = None
+    """crop / resize as the source computes it (timm, transformers): a new --input-size
+    gets ``floor(size / crop_pct)``, as the source's own transform would."""
+    unsupported: str | None = None
+    """Why the source's own eval transform cannot be stated in the card (a squashing
+    resize, a non-square input); the export then needs --input-size and --resize."""
 
 
 IMAGENET_DEFAULTS = Defaults(
@@ -77,19 +88,30 @@ class Source:
     kind: Kind
     arch: str
     defaults: Defaults
+    library: str | None = None
+    """The library and its version, e.g. 'timm 1.0.31' (None for torchvision and ours)."""
+    config_sha256: str | None = None
+    """A Hub folder's config.json hash."""
+    weights_sha256: str | None = None
+    """A Hub folder's weights file hash."""
 
 
-def kind_of(arch: str) -> Kind:
+def kind_of(arch: str) -> Kind | Literal["folder"]:
+    """Which source ``arch`` names; a directory is a Hub folder (:mod:`export.hub`)."""
     if arch in TORCHVISION_ARCHS:
         return "torchvision"
     if cifar_resnet.is_cifar_arch(arch):
         return "cifar"
+    if Path(arch).is_dir():
+        return "folder"
+    if arch.startswith("timm/"):
+        return "timm"
     if ":" in arch:
         return "custom"
     raise ExportError(
         f"unknown architecture {arch!r}: expected one of {', '.join(TORCHVISION_ARCHS)}, "
-        f"a CIFAR ResNet ({', '.join(cifar_resnet.CIFAR_ARCHS)}), "
-        "or a user factory as package.module:function"
+        f"a CIFAR ResNet ({', '.join(cifar_resnet.CIFAR_ARCHS)}), timm/<model name>, "
+        "a Hub folder, or a user factory as package.module:function"
     )
 
 
@@ -99,14 +121,32 @@ def build(
     weights: str | None = None,
     num_classes: int | None = None,
     code_path: Path | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> Source:
-    """Build ``arch``; ``weights`` is a torchvision weights name or None for random weights."""
+    """Build ``arch``; ``weights`` is a torchvision weights name, a timm pretrained tag, or
+    None for random weights. ``state`` is the checkpoint about to be loaded, if any: a timm
+    head is sized to fit it, and a Hub folder refuses it (the folder has its weights)."""
     kind = kind_of(arch)
-    if weights is not None and kind != "torchvision":
+    if weights is not None and kind not in ("torchvision", "timm"):
         raise ExportError(
-            f"--weights {weights} applies to torchvision architectures only; "
-            f"give {arch} its weights with --checkpoint"
+            f"--weights {weights} applies to torchvision and timm architectures only; "
+            + (
+                f"{arch} is a Hub folder with its own weights"
+                if kind == "folder"
+                else f"give {arch} its weights with --checkpoint"
+            )
         )
+    if kind == "folder":
+        from export import hub
+
+        if state is not None:
+            raise ExportError(f"{arch} is a Hub folder with its own weights: drop --checkpoint")
+        return hub.build(Path(arch))
+    if kind == "timm":
+        from export import timm_source
+
+        name = arch.removeprefix("timm/")
+        return timm_source.build(name, weights=weights, num_classes=num_classes, state=state)
     if kind == "torchvision":
         return _torchvision(arch, weights=weights, num_classes=num_classes)
     if kind == "cifar":
@@ -128,8 +168,8 @@ def torchvision_defaults(arch: str, weights: str | None) -> Defaults:
         labels=tuple(chosen.meta["categories"]),
         resize=int(transforms.resize_size[0]),
         crop=int(transforms.crop_size[0]),
-        mean=_triple(transforms.mean),
-        std=_triple(transforms.std),
+        mean=triple(transforms.mean),
+        std=triple(transforms.std),
         interpolation=transforms.interpolation.value,
         weights=chosen.name,
     )
@@ -222,6 +262,7 @@ def _show(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
-def _triple(values: Any) -> tuple[float, float, float]:
+def triple(values: Any) -> tuple[float, float, float]:
+    """Three floats, e.g. a per-channel mean."""
     a, b, c = (float(x) for x in values)
     return (a, b, c)

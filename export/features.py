@@ -4,11 +4,12 @@ The embedding is the input of the final ``nn.Linear`` (the globally pooled featu
 every ResNet), or the output of a layer the user names. A :class:`_Tap` takes the place of
 that layer, records what flows through it and hands it on unchanged, so the model's own
 ``forward`` runs exactly as written and the exporter traces one pass with two outputs.
+A timm model takes its embedding from timm's own contract instead (:class:`TimmOutputs`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -99,3 +100,32 @@ class FlipAverage(nn.Module):
         n = x.shape[0]
         logits, embedding = self.model(torch.cat([x, x.flip(3)]))
         return (logits[:n] + logits[n:]) / 2, (embedding[:n] + embedding[n:]) / 2
+
+
+class TimmOutputs(nn.Module):
+    """``forward(input) -> (logits, embedding)`` through timm's own classifier contract.
+
+    The embedding is ``forward_head(features, pre_logits=True)``: the pooled, flattened
+    features that feed the classifier, whatever the classifier is (``nn.Linear`` for most,
+    a 1x1 ``Conv2d`` for ResNetV2, so "the input of the last linear layer" does not apply).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        for method in ("forward_features", "forward_head"):
+            if not callable(getattr(model, method, None)):
+                raise ExportError(
+                    f"{type(model).__name__} has no {method}(): not a timm classifier "
+                    "(name the embedding layer with --embedding-layer)"
+                )
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        timm_model: Any = self.model
+        features = timm_model.forward_features(x)
+        embedding = torch.flatten(timm_model.forward_head(features, pre_logits=True), 1)
+        logits = timm_model.forward_head(features)
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            got = f"shape {list(logits.shape)}" if isinstance(logits, Tensor) else type(logits)
+            raise ExportError(f"forward_head() must return one [N, classes] tensor, got {got}")
+        return logits, embedding

@@ -68,7 +68,7 @@ def test_user_module_export(
         ),
         (
             ["cifar-resnet20", "--weights", "DEFAULT"],
-            "error: --weights DEFAULT applies to torchvision architectures only",
+            "error: --weights DEFAULT applies to torchvision and timm architectures only",
         ),
         (["cifar-resnet20", "--name", "../up"], "error: model name '../up' may hold only letters"),
         (["cifar-resnet20", "--checkpoint", "nope.pt"], "error: checkpoint nope.pt does not exist"),
