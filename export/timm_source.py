@@ -237,6 +237,6 @@ def _offline(tagged: str, where: str, exc: BaseException) -> ExportError:
     reason = getattr(exc, "reason", None) or exc
     return ExportError(
         f"cannot download timm weights {tagged} from {where} ({reason}); this machine looks "
-        "offline: download them elsewhere and pass the folder (huggingface-cli download "
-        f"timm/{tagged}) or the file with --checkpoint, or use --weights none"
+        f"offline: fetch them elsewhere (hf download timm/{tagged} --local-dir DIR) and "
+        "export that folder, or pass the weights file with --checkpoint, or use --weights none"
     )
