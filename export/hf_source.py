@@ -165,6 +165,6 @@ def _channels(value: Any) -> tuple[float, float, float]:
     """A per-channel value; a single number applies to all three channels."""
     if isinstance(value, (int, float)):
         return (float(value), float(value), float(value))
-    if not isinstance(value, list) or len(value) != 3:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
         raise ExportError(f"{PROCESSOR}: expected 3 per-channel values, got {value!r}")
     return builders.triple(value)

@@ -62,8 +62,7 @@ def build(
     else:
         classes = num_classes or _classes_in(name, state) or 1000
         model = timm.create_model(name, pretrained=False, num_classes=classes)
-    defaults = data_defaults(model, labels=_labels(model), weights=weights)
-    return _source(model, name, defaults)
+    return _source(model, name, weights=weights)
 
 
 def from_folder(
@@ -82,8 +81,7 @@ def from_folder(
     ckpt = checkpoint.load(weights)
     checkpoint.apply(model, ckpt.state_dict, what=f"{arch} ({folder}/config.json)")
     log.info("loaded %d tensors from %s", len(ckpt.state_dict), weights)
-    defaults = data_defaults(model, labels=_labels(model), weights=weights.name)
-    source = _source(model, arch, defaults)
+    source = _source(model, arch, weights=weights.name)
     return replace(source, config_sha256=config_sha256, weights_sha256=ckpt.sha256)
 
 
@@ -100,10 +98,9 @@ def check_name(name: str, *, context: str = "") -> None:
         )
 
 
-def data_defaults(
-    model: nn.Module, *, labels: tuple[str, ...] | None, weights: str | None
-) -> builders.Defaults:
-    """timm's resolved eval data config as the card's preprocessing.
+def data_defaults(cfg: Mapping[str, Any]) -> builders.Defaults:
+    """timm's resolved eval data config (``resolve_model_data_config``) as the card's
+    preprocessing; no labels yet.
 
     ``resize = floor(size / crop_pct)`` exactly as timm's eval transform computes it. What
     the card cannot state (a non-square input, a crop mode other than 'center', another
@@ -111,7 +108,6 @@ def data_defaults(
     """
     import timm.data
 
-    cfg = timm.data.resolve_model_data_config(model)
     channels, height, width = (int(x) for x in cfg["input_size"])
     if channels != 3 or len(cfg["mean"]) != 3:
         raise ExportError(f"the model takes {channels} input channels; the service feeds 3 (RGB)")
@@ -127,13 +123,12 @@ def data_defaults(
         problems.append(f"its interpolation is {interpolation!r}")
         interpolation = "bicubic"
     return builders.Defaults(
-        labels=labels,
+        labels=None,
         resize=math.floor(height / crop_pct),  # timm's transforms_imagenet_eval, to the pixel
         crop=height,
         mean=builders.triple(cfg["mean"]),
         std=builders.triple(cfg["std"]),
         interpolation=interpolation,
-        weights=weights,
         crop_pct=crop_pct,
         unsupported="timm's eval transform cannot be served as is: " + "; ".join(problems)
         if problems
@@ -141,7 +136,13 @@ def data_defaults(
     )
 
 
-def _source(model: nn.Module, arch: str, defaults: builders.Defaults) -> builders.Source:
+def _source(model: nn.Module, arch: str, *, weights: str | None) -> builders.Source:
+    """The Source of a built timm model: its data config, labels, and a word if it is not
+    a ResNet."""
+    import timm.data
+
+    config = timm.data.resolve_model_data_config(model)
+    defaults = replace(data_defaults(config), labels=_labels(model), weights=weights)
     module = type(model).__module__
     if module not in RESNET_MODULES:
         log.warning(
