@@ -28,14 +28,21 @@ import numpy as np
 import pytest
 import timm
 import timm.data
-from hub_folders import IMAGENET_MEAN, IMAGENET_STD, photos, rgb, transformers_pixels
+from hub_folders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    crop_shift,
+    photos,
+    rgb,
+    transformers_pixels,
+)
 from PIL import Image
 from transformers import AutoImageProcessor, ResNetConfig
 
 from export import hf_source, timm_source
 from export.builders import Defaults
 from service.metadata import Preprocessing
-from service.preprocess import Preprocessor, crop_box, resized_size
+from service.preprocess import Preprocessor
 
 DRAFT_MAX_LEVELS = 8.0
 DRAFT_MEAN_LEVELS = 0.6
@@ -89,14 +96,6 @@ def test_timm_eval_transform(tag: str, resize: int, crop: int, drafted: int) -> 
         else:
             diff = np.abs(got - want) * levels
             assert diff.max() <= DRAFT_MAX_LEVELS and diff.mean() <= DRAFT_MEAN_LEVELS, path.name
-
-
-def crop_shift(path: Path, pre: Preprocessing) -> tuple[int, int]:
-    """(dx, dy): how far the card's crop starts right of / below transformers' crop."""
-    with Image.open(path) as image:
-        width, height = resized_size(image.width, image.height, pre.resize)
-    left, top, _, _ = crop_box(width, height, pre.crop)
-    return left - (width - pre.crop) // 2, top - (height - pre.crop) // 2
 
 
 # microsoft/resnet-50's preprocessor_config.json as the Hub serves it (the older feature
