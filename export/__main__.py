@@ -17,7 +17,7 @@ from service.metadata import TestTimeAugmentation
 DESCRIPTION = """\
 Export a ResNet to models/<name>/<version>/model.onnx: input `input` float32 [N, 3, H, W]
 (dynamic batch), outputs `logits` [N, classes] and `embedding` [N, D] (the pooled features
-that feed the final linear layer). Labels, preprocessing and provenance are stored in the
+that feed the classifier). Labels, preprocessing and provenance are stored in the
 file's metadata; PyTorch and ONNX Runtime are compared at batch sizes 1 and 8 and the
 export fails if they differ beyond a float32 tolerance.
 
@@ -27,7 +27,7 @@ sources (the positional argument):
                 cifar-resnet<6n+2>-b (v1, option B), cifar-preact-resnet<9n+2> (v2; 56, 110, 164)
   timm          timm/<model name>, e.g. timm/resnet50d, timm/resnetv2_50, timm/seresnext50_32x4d
                 (random weights, --checkpoint FILE, or --weights <pretrained tag> online)
-  Hub folder    a directory as `huggingface-cli download` leaves it: a timm folder
+  Hub folder    a directory as `hf download` (huggingface-cli) leaves it: a timm folder
                 (config.json with `architecture`) or a transformers ResNet folder
                 (config.json with "model_type": "resnet" and preprocessor_config.json)
   ONNX file     FILE.onnx written by another tool: adopted with the card given by
@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument(
         "--weights",
         default="none",
-        help="torchvision weights name (IMAGENET1K_V2, DEFAULT; needs the network) "
-        "or none for random, untrained weights (default: none)",
+        help="torchvision weights name (IMAGENET1K_V2, DEFAULT) or timm pretrained tag "
+        "(a1_in1k; needs the network), or none for random, untrained weights (default: none)",
     )
     src.add_argument("--checkpoint", type=Path, help="checkpoint file (.pt, .pth, .th)")
     src.add_argument(
@@ -137,7 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     card.add_argument(
         "--embedding-layer",
-        help="layer whose output is the embedding (default: input of the last nn.Linear)",
+        help="layer whose output is the embedding (default: the input of the last nn.Linear;"
+        " for timm models, forward_head's pre-logits features)",
     )
     card.add_argument(
         "--tta",
