@@ -100,25 +100,44 @@ def test_mismatched_checkpoint_is_one_line(
     assert err.startswith("error: checkpoint does not match cifar-resnet20: 72 unexpected keys (")
 
 
-def test_offline_weights_fail_with_a_clear_reason(tmp_path: Path) -> None:
-    # A proxy on a closed local port makes the download fail at once, online or not, and an
-    # empty TORCH_HOME makes sure no cached file is used: nothing is ever downloaded here.
+@pytest.mark.parametrize(
+    ("source", "weights", "reason"),
+    [
+        (
+            "resnet18",
+            "IMAGENET1K_V1",
+            "error: cannot download resnet18 weights IMAGENET1K_V1 from "
+            "https://download.pytorch.org/models/resnet18-f37072fd.pth (",
+        ),
+        (
+            "timm/resnet18",
+            "a1_in1k",
+            "error: cannot download timm weights resnet18.a1_in1k from "
+            "https://huggingface.co/timm/resnet18.a1_in1k (",
+        ),
+    ],
+    ids=["torchvision", "timm"],
+)
+def test_offline_weights_fail_with_a_clear_reason(
+    source: str, weights: str, reason: str, tmp_path: Path
+) -> None:
+    # A proxy on a closed local port makes the download fail at once, online or not, and
+    # empty TORCH_HOME and HF_HOME make sure no cached file is used: nothing is ever
+    # downloaded here.
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
     closed = "http://127.0.0.1:9"
     env.update(HTTPS_PROXY=closed, https_proxy=closed, HTTP_PROXY=closed, http_proxy=closed)
-    env["TORCH_HOME"] = str(tmp_path / "torch-home")
+    env.update(TORCH_HOME=str(tmp_path / "torch-home"), HF_HOME=str(tmp_path / "hf-home"))
+    env.pop("HF_HUB_OFFLINE", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "export", "resnet18", "--weights", "IMAGENET1K_V1",
+        [sys.executable, "-m", "export", source, "--weights", weights,
          "--out", str(tmp_path / "models"), "--name", "r18"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [proc.stderr.splitlines()[-1]]
-    assert errors[0].startswith(
-        "error: cannot download resnet18 weights IMAGENET1K_V1 from "
-        "https://download.pytorch.org/models/resnet18-f37072fd.pth ("
-    )
+    assert errors[0].startswith(reason)
     assert "looks offline" in errors[0] and "--checkpoint" in errors[0]
     assert not (tmp_path / "models").exists()
-    assert not list((tmp_path / "torch-home").rglob("*.pth"))
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".pth", ".bin", ".safetensors")]
