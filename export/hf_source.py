@@ -72,9 +72,12 @@ def from_folder(
     defaults = processor_defaults(folder)  # before the model: a bad file fails fast
     try:
         resnet_config = ResNetConfig.from_dict(config)
-    except (TypeError, ValueError) as exc:
-        raise ExportError(f"{folder}/config.json is not a valid ResNetConfig: {exc}") from exc
-    model = ResNetForImageClassification(resnet_config)
+        model = ResNetForImageClassification(resnet_config)
+    except Exception as exc:  # transformers validates configs with several error types
+        raise ExportError(
+            f"{library()} cannot build a {CLASSIFIER} from {folder}/config.json: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     ckpt = checkpoint.load(weights)
     checkpoint.apply(model, ckpt.state_dict, what=f"{CLASSIFIER} ({folder}/config.json)")
     log.info("loaded %d tensors from %s", len(ckpt.state_dict), weights)

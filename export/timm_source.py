@@ -1,5 +1,5 @@
 """timm models: ``timm/<model name>`` (random, a checkpoint, or a pretrained tag) and timm
-Hub folders (what ``timm.models.save_for_hf`` writes and ``huggingface-cli download`` fetches).
+Hub folders (what ``timm.models.save_for_hf`` writes and ``hf download`` fetches).
 
 The preprocessing is timm's own eval transform as ``timm.data.resolve_model_data_config``
 resolves it: ``Resize(floor(size / crop_pct))`` (shorter side) -> ``CenterCrop(size)``,
@@ -77,7 +77,13 @@ def from_folder(
     check_name(arch, context=f" (the architecture in {folder}/config.json)")
     # timm's own reading of the folder: create_model(architecture, pretrained=False,
     # num_classes=..., pretrained_cfg=..., **model_args) from config.json, no weights.
-    model = timm.create_model(f"local-dir:{folder}", pretrained=False)
+    try:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=False)
+    except Exception as exc:  # whatever timm raises on a config it cannot build
+        raise ExportError(
+            f"{library()} cannot build {arch} from {folder}/config.json: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     ckpt = checkpoint.load(weights)
     checkpoint.apply(model, ckpt.state_dict, what=f"{arch} ({folder}/config.json)")
     log.info("loaded %d tensors from %s", len(ckpt.state_dict), weights)

@@ -300,3 +300,21 @@ def test_timm_crop_modes_other_than_center_need_sizes(
         "card describes 'center' only): give --input-size and --resize to serve it with a "
         "shorter-side resize and a square center crop instead"
     )
+
+
+def test_configs_the_library_cannot_build(
+    timm_dir: Path, hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = json.loads((timm_dir / "config.json").read_text())["model_args"]
+    odd_timm = edited_copy(
+        timm_dir, tmp_path / "odd-timm", "config.json", model_args={**args, "bogus": 3}
+    )
+    assert fail([str(odd_timm)], tmp_path, capsys) == (
+        f"error: timm {timm.__version__} cannot build resnet10t from {odd_timm}/config.json: "
+        "TypeError: ResNet.__init__() got an unexpected keyword argument 'bogus'"
+    )
+    odd_hf = edited_copy(hf_dir, tmp_path / "odd-hf", "config.json", layer_type="weird")
+    assert fail([str(odd_hf)], tmp_path, capsys).startswith(
+        f"error: transformers {transformers.__version__} cannot build a "
+        f"ResNetForImageClassification from {odd_hf}/config.json: "
+    )
