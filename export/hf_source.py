@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from export import builders, checkpoint, hub
+from export import builders, hub
 from export.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,8 @@ def from_folder(
         resnet_config = ResNetConfig.from_dict(config)
         model = ResNetForImageClassification(resnet_config)
     except Exception as exc:  # transformers validates configs with several error types
-        raise ExportError(
-            f"{library()} cannot build a {CLASSIFIER} from {folder}/config.json: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    ckpt = checkpoint.load(weights)
-    checkpoint.apply(model, ckpt.state_dict, what=f"{CLASSIFIER} ({folder}/config.json)")
-    log.info("loaded %d tensors from %s", len(ckpt.state_dict), weights)
+        raise hub.cannot_build(library(), f"a {CLASSIFIER}", folder, exc) from exc
+    ckpt = hub.load_weights(model, weights, what=f"{CLASSIFIER} ({folder}/config.json)")
     labels = id2label(dict(resnet_config.id2label or {}), folder)
     return builders.Source(
         LogitsOf(model).eval(),

@@ -9,13 +9,18 @@ like any other weights file.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from export import builders
+from torch import nn
+
+from export import builders, checkpoint
 from export.checkpoint import sha256_of
 from export.errors import ExportError
 from export.weights import STANDARD_NAMES
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 EXPECTED = 'config.json with `architecture` (timm) or `"model_type": "resnet"` (transformers)'
@@ -87,6 +92,21 @@ def weights_file(folder: Path) -> Path:
     raise ExportError(
         f"{folder} has no weights file: expected one of {', '.join(STANDARD_NAMES)} beside "
         f"{CONFIG}; found {listing(folder)}"
+    )
+
+
+def load_weights(model: nn.Module, weights: Path, *, what: str) -> checkpoint.Checkpoint:
+    """The folder's weights into ``model``, read and applied like any other weights file."""
+    ckpt = checkpoint.load(weights)
+    checkpoint.apply(model, ckpt.state_dict, what=what)
+    log.info("loaded %d tensors from %s", len(ckpt.state_dict), weights)
+    return ckpt
+
+
+def cannot_build(library: str, what: str, folder: Path, exc: Exception) -> ExportError:
+    """The one-line reason for a config the library refuses to build a model from."""
+    return ExportError(
+        f"{library} cannot build {what} from {folder}/{CONFIG}: {type(exc).__name__}: {exc}"
     )
 
 

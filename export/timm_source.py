@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from export import builders, checkpoint
+from export import builders, hub
 from export.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,8 @@ def from_folder(
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=False)
     except Exception as exc:  # whatever timm raises on a config it cannot build
-        raise ExportError(
-            f"{library()} cannot build {arch} from {folder}/config.json: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    ckpt = checkpoint.load(weights)
-    checkpoint.apply(model, ckpt.state_dict, what=f"{arch} ({folder}/config.json)")
-    log.info("loaded %d tensors from %s", len(ckpt.state_dict), weights)
+        raise hub.cannot_build(library(), arch, folder, exc) from exc
+    ckpt = hub.load_weights(model, weights, what=f"{arch} ({folder}/config.json)")
     source = _source(model, arch, weights=weights.name)
     return replace(source, config_sha256=config_sha256, weights_sha256=ckpt.sha256)
 
