@@ -178,3 +178,14 @@ def test_below_the_agreement_bound_nothing_is_written_unless_forced(tmp_path: Pa
     assert forced.path.exists()
     session = ort.InferenceSession(str(forced.path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == INPUT_NAME
+
+
+def test_quantize_needs_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, export.quantize; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
