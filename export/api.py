@@ -234,6 +234,7 @@ def _preprocessing(
         std=_triple(std) or (ckpt.std if ckpt else None) or d.std,
         interpolation=interpolation or d.interpolation,
         channel_order=channel_order,
+        crop_rounding=d.crop_rounding,
     )
 
 

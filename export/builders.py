@@ -25,6 +25,7 @@ from torch import nn
 from export import cifar_resnet
 from export.errors import ExportError
 from export.labels import CIFAR10_CLASSES, imagenet_classes
+from service.metadata import CropRounding
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
@@ -67,6 +68,9 @@ class Defaults:
     crop_pct: float | None = None
     """crop / resize as the source computes it (timm, transformers): a new --input-size
     gets ``floor(size / crop_pct)``, as the source's own transform would."""
+    crop_rounding: CropRounding = "half_even"
+    """How the source's center crop rounds an odd margin: torchvision's half to even, or
+    transformers' floor."""
     unsupported: str | None = None
     """Why the source's own eval transform cannot be stated in the card (a squashing
     resize, a non-square input); the export then needs --input-size and --resize."""

@@ -3,8 +3,10 @@ image processor's ``save_pretrained`` leave it (the layout of microsoft/resnet-*
 
 The preprocessing is ``ConvNextImageProcessor``'s (what microsoft/resnet-* use), read from
 ``preprocessor_config.json``: below a shortest edge of 384 it resizes the shorter side to
-``int(shortest_edge / crop_pct)`` and center-crops ``shortest_edge``, which the card states
-exactly; from 384 up it squashes the image to a square, which the card cannot state.
+``int(shortest_edge / crop_pct)`` and center-crops ``shortest_edge`` starting at
+``(side - crop) // 2`` (the card's ``crop_rounding`` 'floor'; torchvision rounds half to
+even), which the card states exactly; from 384 up it squashes the image to a square, which
+the card cannot state.
 The embedding is the pooled features that feed the classifier (``pooler_output``, flattened),
 the input of the classifier's ``nn.Linear``.
 """
@@ -153,6 +155,8 @@ def processor_defaults(folder: Path) -> builders.Defaults:
         std=_channels(p.get("image_std", STANDARD_STD)) if normalize else (1.0, 1.0, 1.0),
         interpolation=RESAMPLE.get(resample, "bicubic"),
         crop_pct=crop_pct,
+        # Both backends (PIL and the default torchvision one) crop at (side - crop) // 2.
+        crop_rounding="floor",
         unsupported=f"{PROCESSOR} cannot be served as is: " + "; ".join(problems)
         if problems
         else None,

@@ -1,7 +1,8 @@
 """Every export proves itself: PyTorch and ONNX Runtime on the same inputs, several batch sizes.
 
-Inputs are real images from a folder, preprocessed exactly as the model card says, or
-random images (uniform pixels, then normalized: never zeros, which would hide wrong weights).
+Inputs are real images from a folder, preprocessed exactly as the model card says (the
+service's own transform, crop rounding included), or random images (uniform pixels, then
+normalized: never zeros, which would hide wrong weights).
 The figures and the tolerance are :mod:`export.agreement`'s.
 """
 
@@ -18,10 +19,12 @@ from torch import Tensor, nn
 from export.agreement import BATCH_SIZES, BatchResult, diff
 from export.errors import ExportError
 from service.metadata import INPUT_NAME, Preprocessing
+from service.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+_MAX_PIXELS = 1 << 26
 
 
 def random_images(n: int, pre: Preprocessing, *, seed: int = 0) -> Tensor:
@@ -32,38 +35,29 @@ def random_images(n: int, pre: Preprocessing, *, seed: int = 0) -> Tensor:
 
 
 def folder_images(folder: Path, n: int, pre: Preprocessing) -> Tensor:
-    """The first ``n`` images under ``folder`` (sorted, recursive; repeated if fewer)."""
+    """The first ``n`` images under ``folder`` (sorted, recursive; repeated if fewer).
+
+    Each is opened with Pillow as RGB and transformed by the service's
+    :class:`~service.preprocess.Preprocessor`, so the export verifies on what the service
+    will feed the model, the card's ``crop_rounding`` included.
+    """
     from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms import v2
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ExportError(f"--verify-images {folder}: no image files found")
     if len(files) < n:
         log.info("verify: %d images in %s, repeating them to fill %d", len(files), folder, n)
-    transform = v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(pre.resize, interpolation=_interpolation(pre), antialias=True),
-            v2.CenterCrop(pre.crop),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
+    preprocess = Preprocessor(pre, max_pixels=_MAX_PIXELS, draft=False)
     batch = []
     for i in range(n):
         path = files[i % len(files)]
         try:
             with Image.open(path) as im:
-                batch.append(transform(im.convert("RGB")))
+                batch.append(preprocess.transform(im.convert("RGB")))
         except (OSError, UnidentifiedImageError) as exc:
             raise ExportError(f"--verify-images: cannot read {path}: {exc}") from exc
-    return _normalize(torch.stack(batch), pre)
-
-
-def _interpolation(pre: Preprocessing) -> object:
-    from torchvision.transforms import InterpolationMode
-
-    return InterpolationMode(pre.interpolation)
+    return torch.from_numpy(np.stack(batch))
 
 
 def _normalize(pixels: Tensor, pre: Preprocessing) -> Tensor:

@@ -49,6 +49,9 @@ OUTPUT_NAMES = (LOGITS_NAME, PROBABILITIES_NAME, EMBEDDING_NAME)
 
 _KEYS = ("labels", "preprocessing", "provenance", "verification", "quantization")
 
+CropRounding = Literal["half_even", "floor"]
+"""How the centre crop's offset ``(side - crop) / 2`` is rounded when the margin is odd."""
+
 TestTimeAugmentation = Literal["none", "flip"]
 """What the graph adds to the preprocessing: 'flip' averages each image with its mirror."""
 
@@ -66,6 +69,9 @@ class Preprocessing(_Frozen):
 
     ``Resize(resize)`` (shorter side, antialiased) -> ``CenterCrop(crop)`` -> ``ToTensor()``
     -> ``Normalize(mean, std)``. ``resize == crop`` skips the crop for square inputs.
+    ``crop_rounding`` 'floor' starts the crop at ``(side - crop) // 2`` instead of
+    torchvision's ``round((side - crop) / 2)``, as transformers' image processors do; a
+    crop larger than the image is padded ``(crop - side) // 2`` before in both cases.
     """
 
     resize: int = Field(gt=0, description="Shorter side after resizing, in pixels.")
@@ -74,6 +80,11 @@ class Preprocessing(_Frozen):
     std: tuple[float, float, float]
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     channel_order: Literal["RGB", "BGR"] = "RGB"
+    crop_rounding: CropRounding = Field(
+        default="half_even",
+        description="How the centre crop's offset is rounded when the margin is odd: "
+        "torchvision's half to even, or transformers' floor.",
+    )
 
 
 class Provenance(_Frozen):

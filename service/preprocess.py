@@ -5,6 +5,9 @@ The transform is torchvision's eval transform on a PIL image, reproduced exactly
 ``CenterCrop(crop)`` (zero padding when the crop is larger) -> ``ToTensor()`` ->
 ``Normalize(mean, std)``. The last two steps go through a per-channel lookup table built
 with the same float32 arithmetic as torchvision, so the output is bit-for-bit the same.
+A card whose ``crop_rounding`` is 'floor' starts the crop where transformers' image
+processors do instead: on an odd margin, half a pixel to the left or up rather than to
+the even side.
 
 Decoding turns any Pillow image into RGB:
 
@@ -44,7 +47,7 @@ from service.errors import (
     ServiceError,
     UnsupportedImage,
 )
-from service.metadata import Preprocessing
+from service.metadata import CropRounding, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +75,26 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return int(shorter * width / height), shorter
 
 
-def crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
-    """torchvision's ``CenterCrop(crop)`` box, padding (outside the image) when too small."""
-    left = _crop_start(width, crop)
-    top = _crop_start(height, crop)
+def crop_box(
+    width: int, height: int, crop: int, *, rounding: CropRounding = "half_even"
+) -> tuple[int, int, int, int]:
+    """The centre crop's box, padding (outside the image) when too small.
+
+    'half_even' is torchvision's ``CenterCrop(crop)``; 'floor' is transformers' crop.
+    """
+    left = _offset(width, crop, rounding)
+    top = _offset(height, crop, rounding)
     return left, top, left + crop, top + crop
 
 
-def _crop_start(size: int, crop: int) -> int:
-    if crop > size:  # torchvision pads (crop - size) // 2 before, then crops at 0
+def _offset(size: int, crop: int, rounding: CropRounding) -> int:
+    if crop > size:
+        # torchvision and transformers' default processor both pad (crop - size) // 2
+        # before, then crop at 0 (transformers' PIL processor pads one more before an odd margin).
         return -((crop - size) // 2)
-    return round((size - crop) / 2.0)
+    if rounding == "floor":
+        return (size - crop) // 2
+    return round((size - crop) / 2.0)  # Python's round is half to even, as torchvision's
 
 
 def normalization_table(
@@ -153,24 +165,27 @@ class Preprocessor:
             raise InvalidImage(f"the {fmt} data is corrupt or truncated: {exc}") from exc
 
     def transform(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> float32 [3, crop, crop], exactly as torchvision's eval transform."""
+        """RGB image -> float32 [3, crop, crop], exactly as the card's eval transform."""
         spec = self.spec
         size = resized_size(image.width, image.height, spec.resize)
         if max(size) > BOX_ASPECT * spec.resize and spec.crop <= min(size):
             return self._table_lookup(self._resize_crop_region(image, size))
         if size != image.size:
             image = image.resize(size, self._resample)
-        box = crop_box(size[0], size[1], spec.crop)
+        box = crop_box(size[0], size[1], spec.crop, rounding=spec.crop_rounding)
         if box != (0, 0, size[0], size[1]):
             image = image.crop(box)  # areas outside the image come back as zeros
         return self._table_lookup(image)
 
     def _resize_crop_region(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
         """Resize-then-centre-crop computed on the crop's source region only."""
-        left, top, right, bottom = crop_box(size[0], size[1], self.spec.crop)
+        spec = self.spec
+        left, top, right, bottom = crop_box(
+            size[0], size[1], spec.crop, rounding=spec.crop_rounding
+        )
         sx, sy = image.width / size[0], image.height / size[1]
         region = (left * sx, top * sy, right * sx, bottom * sy)
-        return image.resize((self.spec.crop, self.spec.crop), self._resample, box=region)
+        return image.resize((spec.crop, spec.crop), self._resample, box=region)
 
     def _table_lookup(self, image: Image.Image) -> np.ndarray:
         """ToTensor + Normalize of a crop-sized RGB image, through the lookup table."""

@@ -18,9 +18,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from service.metadata import Preprocessing
-from service.preprocess import crop_box, resized_size
-
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "photos"
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -115,15 +112,3 @@ def transformers_pixels(processor: Any, files: Sequence[Path]) -> np.ndarray:
     return np.stack(
         [processor(rgb(f), return_tensors="np")["pixel_values"][0] for f in files]
     ).astype(np.float32)
-
-
-def crop_shift(path: Path, pre: Preprocessing) -> tuple[int, int]:
-    """(dx, dy): how far the card's center crop starts right of / below transformers'.
-
-    torchvision (the card, the service) starts it at round((side - crop) / 2), half to
-    even; ConvNextImageProcessor at (side - crop) // 2.
-    """
-    with Image.open(path) as image:
-        width, height = resized_size(image.width, image.height, pre.resize)
-    left, top, _, _ = crop_box(width, height, pre.crop)
-    return left - (width - pre.crop) // 2, top - (height - pre.crop) // 2

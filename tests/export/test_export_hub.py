@@ -164,10 +164,18 @@ def test_transformers_folder(
     path = export([str(hf_dir)], tmp_path, capsys)
     card = card_of(path)
     assert card.labels == tuple(HF_LABELS)
-    # ConvNextImageProcessor: shorter side int(64 / 0.875) = 73, center crop 64, bicubic.
+    # ConvNextImageProcessor: shorter side int(64 / 0.875) = 73, center crop 64 starting at
+    # (side - 64) // 2, bicubic.
     assert card.preprocessing == Preprocessing(
-        resize=73, crop=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic"
+        resize=73,
+        crop=64,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        interpolation="bicubic",
+        crop_rounding="floor",
     )
+    stored = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(stored["preprocessing"])["crop_rounding"] == "floor"
     prov = card.provenance
     assert prov.arch == "ResNetForImageClassification (acme/tiny-resnet)"
     assert (prov.source, prov.library) == (

@@ -39,6 +39,22 @@ def test_metadata_props_are_exactly_the_card(trained_r20_export: ExportResult) -
     assert json.loads(props["preprocessing"])["resize"] == 32
 
 
+def test_crop_rounding_is_written_only_when_not_the_default(
+    trained_r20_export: ExportResult,
+) -> None:
+    """An older server, which knows no ``crop_rounding``, still reads every card that keeps
+    torchvision's rounding; a transformers card says 'floor' and reads back equal."""
+    card = trained_r20_export.card
+    assert card.preprocessing.crop_rounding == "half_even"
+    written = json.loads(card.to_metadata_props()["preprocessing"])
+    assert set(written) == {"resize", "crop", "mean", "std"}
+
+    floor = card.preprocessing.model_copy(update={"crop_rounding": "floor"})
+    props = card.model_copy(update={"preprocessing": floor}).to_metadata_props()
+    assert json.loads(props["preprocessing"]) == {**written, "crop_rounding": "floor"}
+    assert ModelCard.from_metadata_props(props).preprocessing == floor
+
+
 def test_provenance_describes_the_export(trained_r20_export: ExportResult) -> None:
     proto = onnx.load(str(trained_r20_export.path))
     p = trained_r20_export.card.provenance

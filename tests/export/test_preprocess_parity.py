@@ -10,12 +10,12 @@ that is the 900x900 one for the smaller models, at most 8 levels of 255 anywhere
 0.6 on average, and nothing on every other photo.
 
 transformers: ``ConvNextImageProcessor`` resizes the shorter side to int(shortest_edge /
-crop_pct) like the card, but starts its center crop at (side - crop) // 2, where
-torchvision, the card and the service take round((side - crop) / 2) (half to even). Where
-those differ the served crop sits one pixel further right or down. The tests pin that
-down exactly: aligned by that pixel, the PIL processor equals the service bit for bit, and
-the default ("fast", torchvision tensor) processor within FAST_MAX_ABS of it (its resize is
-not PIL's); unaligned, the photos whose crops start alike equal it the same way.
+crop_pct) like the card and starts its center crop at (side - crop) // 2, both backends,
+which the card states as ``crop_rounding`` 'floor' (torchvision rounds half to even: on
+these photos the two differ for 12 crops at 256/224 and all 100 at 235/224). The PIL
+processor equals the service bit for bit on every photo, as does the export's own
+verification input (``export.verify.folder_images``); the default ("fast", torchvision
+tensor) processor is within FAST_MAX_ABS of it, its resize not being PIL's.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import timm.data
 from hub_folders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    crop_shift,
+    PHOTOS,
     photos,
     rgb,
     transformers_pixels,
@@ -41,8 +41,9 @@ from transformers import AutoImageProcessor, ResNetConfig
 
 from export import hf_source, timm_source
 from export.builders import Defaults
+from export.verify import folder_images
 from service.metadata import Preprocessing
-from service.preprocess import Preprocessor
+from service.preprocess import Preprocessor, crop_box, resized_size
 
 DRAFT_MAX_LEVELS = 8.0
 DRAFT_MEAN_LEVELS = 0.6
@@ -54,7 +55,12 @@ FAST_MEAN_ABS = 3e-4
 
 def card_preprocessing(d: Defaults) -> Preprocessing:
     return Preprocessing(
-        resize=d.resize, crop=d.crop, mean=d.mean, std=d.std, interpolation=d.interpolation
+        resize=d.resize,
+        crop=d.crop,
+        mean=d.mean,
+        std=d.std,
+        interpolation=d.interpolation,
+        crop_rounding=d.crop_rounding,
     )
 
 
@@ -118,33 +124,43 @@ BILINEAR_095 = {
 }
 
 
+def odd_margins(pre: Preprocessing) -> int:
+    """Photos whose crop starts elsewhere when rounded half to even instead of floored."""
+    count = 0
+    for path in photos():
+        with Image.open(path) as image:
+            size = resized_size(image.width, image.height, pre.resize)
+        count += crop_box(*size, pre.crop, rounding="floor") != crop_box(*size, pre.crop)
+    return count
+
+
 @pytest.mark.parametrize(
-    ("processor", "resize", "shifted"),
+    ("processor", "resize", "odd"),
     [(MICROSOFT_RESNET, 256, 12), (BILINEAR_095, 235, 100)],
     ids=["microsoft-resnet", "bilinear-0.95"],
 )
 @pytest.mark.parametrize("backend", ["default", "pil"])
 def test_transformers_image_processor(
-    processor: dict[str, Any], resize: int, shifted: int, backend: str, tmp_path: Path
+    processor: dict[str, Any], resize: int, odd: int, backend: str, tmp_path: Path
 ) -> None:
     ResNetConfig().save_pretrained(tmp_path)  # AutoImageProcessor looks at the model type
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
     pre = card_preprocessing(hf_source.processor_defaults(tmp_path))
-    assert (pre.resize, pre.crop) == (resize, 224)
+    assert (pre.resize, pre.crop, pre.crop_rounding) == (resize, 224, "floor")
+    assert odd_margins(pre) == odd  # the photos where the rounding matters
+    ours, drafted = served(pre)
+    assert not any(drafted)
     if backend == "pil":
         library = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
         assert type(library).__name__ == "ConvNextImageProcessorPil"
-        max_abs, mean_abs = 0.0, 0.0
+        want = transformers_pixels(library, photos())
+        np.testing.assert_array_equal(np.stack(ours), want)
+        # The export verifies on the same tensors as the library computes.
+        np.testing.assert_array_equal(folder_images(PHOTOS, len(want), pre).numpy(), want)
     else:  # what a user gets by default: transformers 5's torchvision-based processor
         library = AutoImageProcessor.from_pretrained(tmp_path)
         assert type(library).__name__ == "ConvNextImageProcessor"
-        max_abs, mean_abs = FAST_MAX_ABS, FAST_MEAN_ABS
-    want = transformers_pixels(library, photos())
-    ours, _ = served(pre)
-    shifts = [crop_shift(p, pre) for p in photos()]
-    assert sum(s != (0, 0) for s in shifts) == shifted
-    c = pre.crop
-    for got, ref, (dx, dy) in zip(ours, want, shifts, strict=True):
-        assert dx in (0, 1) and dy in (0, 1)
-        diff = np.abs(got[:, : c - dy, : c - dx] - ref[:, dy:, dx:])  # aligned by the shift
-        assert diff.max() <= max_abs and diff.mean() <= mean_abs
+        want = transformers_pixels(library, photos())
+        for path, got, ref in zip(photos(), ours, want, strict=True):
+            diff = np.abs(got - ref)
+            assert diff.max() <= FAST_MAX_ABS and diff.mean() <= FAST_MEAN_ABS, path.name

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.errors import InvalidImage, MissingImage, PayloadTooLarge, UnsupportedImage
-from service.metadata import Preprocessing
+from service.metadata import CropRounding, Preprocessing
 from service.preprocess import BACKGROUND, Preprocessor, crop_box, resized_size
 
 Reference = Callable[[bytes, Preprocessing], np.ndarray]
@@ -64,6 +64,40 @@ def test_geometry_follows_torchvision() -> None:
     assert resized_size(375, 500, 256) == (256, 341)
     assert crop_box(341, 256, 224) == (58, 16, 282, 240)
     assert crop_box(20, 20, 24) == (-2, -2, 22, 22)
+    # Padding (crop larger than the image) is the same for both roundings: (crop - side)
+    # // 2 before, as torchvision and transformers' default processor pad.
+    assert crop_box(29, 31, 32, rounding="floor") == crop_box(29, 31, 32) == (-1, 0, 31, 32)
+
+
+@pytest.mark.parametrize(
+    ("height", "rounding", "left", "top"),
+    [
+        (35, "half_even", 2, 2),  # margins 3 and 3: round(1.5) = 2
+        (35, "floor", 1, 1),  # 3 // 2 = 1
+        (175, "half_even", 2, 72),  # past BOX_ASPECT: margin 143, round(71.5) = 72
+        (175, "floor", 1, 71),
+    ],
+)
+def test_crop_rounding_on_odd_margins(
+    height: int, rounding: CropRounding, left: int, top: int
+) -> None:
+    """A 35-pixel-wide image cropped to 32 (no resize): where the crop starts, by its pixels.
+
+    Red holds each pixel's column, green its row, so the crop's first pixel names its offset.
+    """
+    columns, rows = np.meshgrid(np.arange(35), np.arange(height))
+    pixels = np.stack([columns, rows, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+    spec = Preprocessing(
+        resize=35, crop=32, mean=(0.0,) * 3, std=(1.0,) * 3, crop_rounding=rounding
+    )
+    assert crop_box(35, height, 32, rounding=spec.crop_rounding) == (
+        left, top, left + 32, top + 32
+    )  # fmt: skip
+    got = Preprocessor(spec, max_pixels=10**6).transform(Image.fromarray(pixels))
+    level = np.float32(255)  # mean 0, std 1: a pixel's value v becomes v / 255
+    np.testing.assert_array_equal(got[0, 0, :3], np.float32([left, left + 1, left + 2]) / level)
+    np.testing.assert_array_equal(got[1, :3, 0], np.float32([top, top + 1, top + 2]) / level)
+    np.testing.assert_array_equal(got[:2, 31, 31], np.float32([left + 31, top + 31]) / level)
 
 
 def test_large_jpeg_draft_stays_within_tolerance_of_full_decode(
