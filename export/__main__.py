@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from export import agreement, builders, onnx_export
 from export.api import export_model
-from export.errors import ExportError
+from export.errors import ExportError, configure_logging, failed
 from export.repository import ExportResult
 from service.metadata import TestTimeAugmentation
 
@@ -170,21 +169,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Our progress lines at INFO; the exporter's own loggers (onnxscript) only when they warn.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("export").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    configure_logging(debug=args.debug)
     try:
         adopting = args.arch.lower().endswith(".onnx")
         result = _adopt(args) if adopting else _export(args)
     except Exception as exc:
         if args.debug:
             raise
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        if not isinstance(exc, ExportError):
-            print(f"error: {type(exc).__name__}: {reason} (--debug shows where)", file=sys.stderr)
-            return 1
-        print(f"error: {reason}", file=sys.stderr)
-        return 2
+        return failed(exc)
     print(f"{result.path}  ({result.card.num_classes} classes, version {result.version})")
     return 0
 
@@ -198,50 +190,41 @@ def _adopt(args: argparse.Namespace) -> ExportResult:
             raise ExportError(f"--{flag.replace('_', '-')} does not apply to an ONNX file")
     if args.tta != "none":
         raise ExportError("--tta does not apply to an ONNX file: it is added at PyTorch export")
-    return adopt_onnx(
-        Path(args.arch),
-        out=args.out,
-        name=args.name,
-        version=args.version,
-        labels=args.labels,
-        input_size=args.input_size,
-        resize=args.resize,
-        mean=args.mean,
-        std=args.std,
-        interpolation=args.interpolation,
-        channel_order=args.channel_order,
-        verify_images=args.verify_images,
-        batch_sizes=tuple(args.verify_batch_sizes),
-        tolerance=args.tolerance,
-        overwrite=args.overwrite,
-    )
+    return adopt_onnx(Path(args.arch), **_common(args))
 
 
 def _export(args: argparse.Namespace) -> ExportResult:
     """A PyTorch model (an architecture, or a Hub folder) exported and verified."""
     return export_model(
         args.arch,
-        out=args.out,
-        name=args.name,
-        version=args.version,
         weights=args.weights,
         checkpoint_path=args.checkpoint,
         code_path=args.code_path,
-        labels=args.labels,
-        input_size=args.input_size,
-        resize=args.resize,
-        mean=args.mean,
-        std=args.std,
-        interpolation=args.interpolation,
-        channel_order=args.channel_order,
         embedding_layer=args.embedding_layer,
         tta=args.tta,
-        verify_images=args.verify_images,
-        batch_sizes=tuple(args.verify_batch_sizes),
-        tolerance=args.tolerance,
         opset=args.opset,
-        overwrite=args.overwrite,
+        **_common(args),
     )
+
+
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags every source takes: where the model goes, its card, its verification."""
+    return {
+        "out": args.out,
+        "name": args.name,
+        "version": args.version,
+        "overwrite": args.overwrite,
+        "labels": args.labels,
+        "input_size": args.input_size,
+        "resize": args.resize,
+        "mean": args.mean,
+        "std": args.std,
+        "interpolation": args.interpolation,
+        "channel_order": args.channel_order,
+        "verify_images": args.verify_images,
+        "batch_sizes": tuple(args.verify_batch_sizes),
+        "tolerance": args.tolerance,
+    }
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import onnxruntime as ort
 
 from export import images
 from export import variants as precision_variants
-from export.errors import ExportError
+from export.errors import ExportError, configure_logging, failed
 from export.repository import ExportResult, target
 from service.metadata import (
     INPUT_NAME,
@@ -106,8 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("export").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    configure_logging(debug=args.debug)
     try:
         result = quantize_model(
             args.source,
@@ -125,11 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             progress=not args.no_progress,
         )
-    except ExportError as exc:
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return failed(exc)
     print(f"{result.path}  ({result.card.precision}, version {result.version})")
     return 0
 

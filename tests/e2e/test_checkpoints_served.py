@@ -21,6 +21,7 @@ import torch
 import tritonclient.http as triton
 from e2e_server import Server
 from torch import nn
+from weights_testlib import perturb
 
 from export import cifar_resnet
 from export.__main__ import main
@@ -34,17 +35,7 @@ SPEC = dict(resize=32, crop=32, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
 def trained_like(seed: int) -> nn.Module:
     """A ResNet-20 whose batch norms are not identities (as after training)."""
     torch.manual_seed(seed)
-    model = cifar_resnet.build("cifar-resnet20")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-    return model.eval()
+    return perturb(cifar_resnet.build("cifar-resnet20"), seed=seed)
 
 
 def old_dataparallel_file(model: nn.Module, path: Path) -> None:
