@@ -34,6 +34,7 @@ def card_of(path: Path) -> ModelCard:
     [
         ("resnet10t", 73),  # ResNet with the -d/-t deep stem and average-pool shortcut
         ("seresnext26d_32x4d", 73),  # squeeze-excitation, ResNeXt grouped convolutions
+        ("resnext50_32x4d", 67),  # ResNeXt without squeeze-excitation (crop_pct 0.95)
         ("ecaresnet26t", 73),  # efficient channel attention
         ("resnetrs50", 70),  # ResNet-RS (crop_pct 0.91)
         ("wide_resnet50_2", 73),  # wide bottlenecks (69 M parameters)
