@@ -84,7 +84,7 @@ def adopt_onnx(
     head = onnx_graph.find_head(original, num_labels=len(names))
     pre = _preprocessing(head, input_size, resize, mean, std, interpolation, channel_order)
     sizes = batch_sizes if max(batch_sizes) > 1 else (*batch_sizes, 2)
-    images, inputs = onnx_verify.images(verify_images, max(sizes), pre)
+    images, inputs = onnx_verify.inputs(verify_images, max(sizes), pre)
     reference = onnx_verify.Original(original, head)
     logits, embedding = reference.run(images[:1])
     if logits.ndim != 2 or embedding.ndim != 2:

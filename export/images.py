@@ -85,6 +85,29 @@ def read_rows(files: list[Path], pre: Preprocessing, *, desc: str, progress: boo
     return Rows(array, tuple(kept), skipped, digest.hexdigest())
 
 
+def verification_rows(
+    folder: Path, n: int, pre: Preprocessing, *, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """The first ``n`` images under ``folder`` (sorted, recursive; repeated when fewer), as
+    the service feeds them to the model, fully decoded: an export's verification inputs.
+
+    Unlike :func:`read_rows`, an unreadable file fails the export: verification images are
+    chosen by the user, and a silently shorter set would verify less than asked.
+    """
+    files = find_images(folder, what="--verify-images")
+    if len(files) < n:
+        log.info("verify: %d images in %s, repeating them to fill %d", len(files), folder, n)
+    preprocessor = Preprocessor(pre, max_pixels=max_pixels, draft=False)
+    rows = []
+    for i in range(n):
+        path = files[i % len(files)]
+        try:
+            rows.append(preprocessor(path.read_bytes()))
+        except (OSError, ServiceError) as exc:
+            raise ExportError(f"--verify-images: cannot read {path}: {exc}") from exc
+    return np.stack(rows)
+
+
 def class_of(path: Path, root: Path) -> str:
     """An ImageFolder's label: the first folder under ``root``."""
     return path.relative_to(root).parts[0]

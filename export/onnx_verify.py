@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from PIL import Image
 
 from export import agreement
 from export.errors import ExportError
+from export.images import verification_rows
 from export.onnx_graph import Head, with_outputs
-from service.errors import ServiceError
 from service.metadata import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, Preprocessing, Verification
-from service.preprocess import Preprocessor
 
 REFERENCE = "the original ONNX file"
 Figures = tuple[list[agreement.BatchResult], Verification]
@@ -89,7 +87,7 @@ def compare(
     return results, figures
 
 
-def images(folder: Path | str | None, n: int, pre: Preprocessing) -> tuple[np.ndarray, str]:
+def inputs(folder: Path | str | None, n: int, pre: Preprocessing) -> tuple[np.ndarray, str]:
     """``n`` inputs and what they are: random pixels, or the folder's images as served."""
     if folder is None:
         pixels = np.random.default_rng(0).random((n, 3, pre.crop, pre.crop), dtype=np.float32)
@@ -97,19 +95,7 @@ def images(folder: Path | str | None, n: int, pre: Preprocessing) -> tuple[np.nd
         std = np.asarray(pre.std, dtype=np.float32).reshape(3, 1, 1)
         return (pixels - mean) / std, "random"
     folder = Path(folder)
-    suffixes = set(Image.registered_extensions())
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes)
-    if not files:
-        raise ExportError(f"--verify-images {folder}: no image files found")
-    preprocess = Preprocessor(pre, max_pixels=_MAX_PIXELS)
-    rows = []
-    for i in range(n):
-        file = files[i % len(files)]  # repeated when the folder holds fewer than n
-        try:
-            rows.append(preprocess(file.read_bytes()))
-        except (OSError, ServiceError) as exc:
-            raise ExportError(f"--verify-images: cannot read {file}: {exc}") from exc
-    return np.stack(rows), str(folder)
+    return verification_rows(folder, n, pre, max_pixels=_MAX_PIXELS), str(folder)
 
 
 def session(proto: onnx.ModelProto, what: str) -> ort.InferenceSession:

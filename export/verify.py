@@ -18,13 +18,10 @@ from torch import Tensor, nn
 
 from export.agreement import BATCH_SIZES, BatchResult, diff
 from export.errors import ExportError
+from export.images import verification_rows
 from service.metadata import INPUT_NAME, Preprocessing
-from service.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-_MAX_PIXELS = 1 << 26
 
 
 def random_images(n: int, pre: Preprocessing, *, seed: int = 0) -> Tensor:
@@ -35,29 +32,9 @@ def random_images(n: int, pre: Preprocessing, *, seed: int = 0) -> Tensor:
 
 
 def folder_images(folder: Path, n: int, pre: Preprocessing) -> Tensor:
-    """The first ``n`` images under ``folder`` (sorted, recursive; repeated if fewer).
-
-    Each is opened with Pillow as RGB and transformed by the service's
-    :class:`~service.preprocess.Preprocessor`, so the export verifies on what the service
-    will feed the model, the card's ``crop_rounding`` included.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ExportError(f"--verify-images {folder}: no image files found")
-    if len(files) < n:
-        log.info("verify: %d images in %s, repeating them to fill %d", len(files), folder, n)
-    preprocess = Preprocessor(pre, max_pixels=_MAX_PIXELS, draft=False)
-    batch = []
-    for i in range(n):
-        path = files[i % len(files)]
-        try:
-            with Image.open(path) as im:
-                batch.append(preprocess.transform(im.convert("RGB")))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ExportError(f"--verify-images: cannot read {path}: {exc}") from exc
-    return torch.from_numpy(np.stack(batch))
+    """The first ``n`` images under ``folder``, as the service will feed them to the model
+    (the card's ``crop_rounding`` included): :func:`export.images.verification_rows`."""
+    return torch.from_numpy(verification_rows(folder, n, pre))
 
 
 def _normalize(pixels: Tensor, pre: Preprocessing) -> Tensor:
