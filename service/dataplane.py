@@ -118,6 +118,13 @@ class DataPlane:
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    async def run_request(self, request: Request, served: ServedModel) -> list[Outputs]:
+        """The images of an image request (/predict, /embed), read and run on ``served``,
+        in flight on it from the first byte read (unloading waits for the request)."""
+        with served.in_flight():
+            images = await self.read_images(request)
+            return await self.run_images(request, served, images)
+
     async def run_images(
         self, request: Request, served: ServedModel, images: Sequence[Image]
     ) -> list[Outputs]:

@@ -184,11 +184,6 @@ class Engine:
             )
 
     @property
-    def precision(self) -> str:
-        """fp32, int8 or fp16 (the card's word)."""
-        return self.card.precision
-
-    @property
     def input_size(self) -> int:
         return self.card.preprocessing.crop
 

@@ -221,12 +221,16 @@ class ModelRegistry:
         model whose config.json says ``"default": true``, else the only model."""
         if self.settings.default_model is not None:
             return self.settings.default_model
-        marked = [name for name in self.models if name in self._marked_default]
+        marked = self._marked()
         if len(marked) == 1:
             return marked[0]
         if len(self.models) == 1:
             return next(iter(self.models))
         return None
+
+    def _marked(self) -> list[str]:
+        """The served models whose config.json says ``"default": true``."""
+        return [name for name in self.models if name in self._marked_default]
 
     def _default_name(self) -> str:
         name = self.default_name()
@@ -234,7 +238,7 @@ class ModelRegistry:
             return name
         if not self.models:
             raise ModelNotReady(f"no models are served: {self.readiness()[1]}")
-        marked = [name for name in self.models if name in self._marked_default]
+        marked = self._marked()
         why = f', and {", ".join(marked)} all say "default": true' if marked else ""
         raise ModelRequired(
             f"several models are served ({', '.join(self.models)}){why}; choose one with ?model="

@@ -169,7 +169,7 @@ class Model:
         self.pooled_ms = self.inline_ms = 0.0
         self.lone: LoadResult | None = None
         self.rounds: list[tuple[float, float]] = []  # (ceiling, HTTP) img/s
-        print(f"model {name} ({path}, {self.inprocess.engine.precision})")
+        print(f"model {name} ({path}, {self.inprocess.engine.card.precision})")
 
     def sweep(self, seconds: float) -> None:
         """Every batch size in-process, the lone latency, and a 12 MP JPEG's preprocessing."""

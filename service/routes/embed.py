@@ -43,9 +43,7 @@ async def embed(request: Request) -> Response:
     params, context = EmbedParams.parse(request), context_of(request)
     served = context.registry.resolve(params.model, params.version)
     request.state.model = served.name
-    with served.in_flight():  # unloading the model waits for this request
-        images = await context.dataplane.read_images(request)
-        outputs = await context.dataplane.run_images(request, served, images)
+    outputs = await context.dataplane.run_request(request, served)
     vectors = np.stack([out[EMBEDDING_NAME] for out in outputs])
     if params.normalize:
         vectors = l2_normalize(vectors)

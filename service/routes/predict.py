@@ -37,9 +37,7 @@ async def predict(request: Request) -> Response:
             f"top_k must be between 1 and {len(labels)} (the classes of model "
             f"{served.name!r}), got {top_k}"
         )
-    with served.in_flight():  # unloading the model waits for this request
-        images = await context.dataplane.read_images(request)
-        outputs = await context.dataplane.run_images(request, served, images)
+    outputs = await context.dataplane.run_request(request, served)
     results = [
         {"predictions": top_predictions(out[PROBABILITIES_NAME], top_k, labels, out[RANKING_NAME])}
         for out in outputs

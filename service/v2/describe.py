@@ -51,7 +51,7 @@ def model_metadata(served: ServedModel, versions: list[int]) -> ModelMetadata:
             TensorMetadata(name=name, datatype=FP32, shape=[-1, width])
             for name, width in _output_widths(served).items()
         ],
-        parameters={"precision": engine.precision},
+        parameters={"precision": engine.card.precision},
     )
 
 
