@@ -151,7 +151,7 @@ def quantize_model(
 ) -> ExportResult:
     """Write the ``precision`` variant of ``source`` to ``out/name/version/model.onnx``."""
     path = source / "model.onnx" if source.is_dir() else source
-    proto, card = _read_source(path)
+    source_bytes, proto, card = _read_source(path)
     if precision not in ("int8", "fp16"):
         raise ExportError(f"unknown precision {precision!r}: choose int8 or fp16")
     if precision == "int8" and calibration is None:
@@ -175,7 +175,6 @@ def quantize_model(
         if keep_back and len(drawn) > count:
             held = images.read_rows(drawn[count:], pre, desc="held back", progress=progress)
 
-    source_bytes = path.read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         if calib is not None and precision == "int8":
             made = precision_variants.int8(path, calib.array, Path(tmp), reduce_range=reduce_range)
@@ -214,11 +213,13 @@ def quantize_model(
     return ExportResult(path=written, version=version, card=new_card, report=report)
 
 
-def _read_source(path: Path) -> tuple[onnx.ModelProto, ModelCard]:
+def _read_source(path: Path) -> tuple[bytes, onnx.ModelProto, ModelCard]:
+    """The source file's bytes (hashed, and run for the agreement), its graph and its card."""
     if not path.is_file():
         raise ExportError(f"{path} does not exist (give a model.onnx or its version folder)")
     try:
-        proto = onnx.load(str(path))
+        data = path.read_bytes()
+        proto = onnx.load_from_string(data)
     except Exception as exc:
         raise ExportError(f"{path} is not an ONNX model: {exc}") from exc
     props = {p.key: p.value for p in proto.metadata_props}
@@ -235,7 +236,7 @@ def _read_source(path: Path) -> tuple[onnx.ModelProto, ModelCard]:
             f"{path} is already a {card.precision} variant; quantize its fp32 source "
             f"(sha256 {card.quantization.source_sha256[:12]}...)"
         )
-    return proto, card
+    return data, proto, card
 
 
 def _agreement(
