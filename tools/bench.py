@@ -162,7 +162,7 @@ class Model:
     """One model's in-process ceiling and HTTP figures, gathered over the rounds."""
 
     def __init__(self, name: str, path: Path, images: list[bytes], settings: Settings) -> None:
-        self.name, self.images = name, images
+        self.name = name
         self.inprocess = InProcess(path, images, settings)
         self.prefix = ""
         self.best = 1
