@@ -1,4 +1,6 @@
-"""The training loop: SGD on a schedule, then validation and both checkpoints every epoch.
+"""The CIFAR recipe's run: its data, model, optimizer and schedule, handed to the shared
+epoch loop (:mod:`export.train.epochs`) with SGD on a schedule, validation and both
+checkpoints every epoch.
 
 ``--init`` starts from an earlier run's weights with a fresh optimizer (a warm restart);
 ``--resume`` continues ``last.pt`` exactly where it stopped, because every epoch draws its
@@ -8,44 +10,23 @@ order and augmentation from a generator of its own.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
-import sys
-import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from export import cifar_resnet, data
-from export.train import checkpoint, reports
+from export.train import checkpoint, epochs
 from export.train.augment import Augment
-from export.train.checkpoint import ResumeState, TrainingCheckpoint
+from export.train.checkpoint import TrainingCheckpoint
 from export.train.distill import Teachers, distillation_loss
 
 log = logging.getLogger("export.train")
 
 INPUT_SIZE = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """What every epoch of one run works with, built once by :func:`train`."""
-
-    args: argparse.Namespace
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    split: data.TrainVal
-    model: nn.Module
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    aug: Augment
-    teachers: Teachers | None
-    steps_per_epoch: int
 
 
 def train(
@@ -57,63 +38,9 @@ def train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     args.out.mkdir(parents=True, exist_ok=True)
-    run = _build(args, device, amp_dtype)
-    history, start_epoch = _start(run)
-    best_acc = max((r["val_acc"] for r in history), default=-1.0)
-    best_path = args.out / "best.pt"
-    for epoch in range(start_epoch, args.epochs + 1):
-        train_loss, train_acc, seen, seconds = _fit_epoch(run, epoch)
-        val_loss, val_acc = evaluate(run.model, run.split.val, run.aug)
-        row = {
-            "epoch": epoch,
-            "lr": run.opt.param_groups[0]["lr"],
-            "train_loss": round(train_loss, 5),
-            "train_acc": round(train_acc, 5),
-            "val_loss": round(val_loss, 5),
-            "val_acc": round(val_acc, 5),
-            "seconds": round(seconds, 1),
-            "img_per_s": round(seen / seconds, 1),
-        }
-        history.append(row)
-        log.info(
-            "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  %.0fs  %.0f img/s",
-            epoch,
-            args.epochs,
-            row["train_loss"],
-            row["train_acc"],
-            val_loss,
-            val_acc,
-            seconds,
-            row["img_per_s"],
-        )
-        ckpt = TrainingCheckpoint(
-            arch=args.arch,
-            classes=run.split.classes,
-            mean=run.split.mean,
-            std=run.split.std,
-            state_dict=run.model.state_dict(),
-            epoch=epoch,
-            val_acc=val_acc,
-            history=history,
-            args=checkpoint.primitive_args(args),
-            input_size=INPUT_SIZE,
-        )
-        if val_acc > best_acc:
-            best_acc = val_acc
-            checkpoint.save(ckpt, best_path)
-        scaler = run.scaler.state_dict() if run.scaler.is_enabled() else None
-        resume = ResumeState(run.opt.state_dict(), run.sched.state_dict(), scaler)
-        checkpoint.save(dataclasses.replace(ckpt, resume=resume), args.out / "last.pt")
-        reports.write(history, args.out)
-
-    best = max(history, key=lambda r: r["val_acc"])
-    log.info(
-        "best validation accuracy %.2f%% at epoch %d -> %s",
-        100 * best["val_acc"],
-        best["epoch"],
-        best_path,
-    )
-    return best
+    session, classes = _build(args, device, amp_dtype)
+    history, start_epoch = _start(args, session, classes)
+    return epochs.run(session, history, start_epoch)
 
 
 def make_scheduler(
@@ -136,25 +63,22 @@ def make_scheduler(
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module, ds: data.Dataset, aug: Augment, batch: int = 1000
 ) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` on ``ds``, unaugmented, in float32."""
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    for i in range(0, len(ds), batch):
-        x = aug.normalize(ds.images[i : i + batch]).to(device)
-        y = ds.targets[i : i + batch].to(device)
-        out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-    return loss_sum.item() / len(ds), correct.item() / len(ds)
+    batches = (
+        (aug.normalize(ds.images[i : i + batch]), ds.targets[i : i + batch])
+        for i in range(0, len(ds), batch)
+    )
+    return epochs.evaluate(model, batches)
 
 
-def _build(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> Run:
-    """The data, the model and its optimizer, schedule and loss scaler, and the teachers."""
+def _build(
+    args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None
+) -> tuple[epochs.Session, tuple[str, ...]]:
+    """The data, the model and its optimizer, schedule and loss scaler, and the teachers,
+    as a session of the shared loop; and the data's classes."""
     split = data.load_split(
         args.data,
         size=INPUT_SIZE,
@@ -188,97 +112,71 @@ def _build(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtyp
         teachers = Teachers(args.teacher, classes=split.classes, split=run_split)
         teachers = teachers.to(device).to(memory_format=torch.channels_last)
     log.info("device %s, mixed precision %s", device, args.amp)
-    return Run(
-        args, device, amp_dtype, split, model, opt, sched, scaler, aug, teachers, steps_per_epoch
+
+    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        # A generator per epoch: the order and augmentation of epoch e do not depend on
+        # whether the run was interrupted before it, so --resume repeats a run exactly.
+        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        order = torch.randperm(len(split.train), generator=g)
+        for step in range(steps_per_epoch):
+            idx = order[step * args.batch_size : (step + 1) * args.batch_size]
+            yield aug(split.train.images[idx], g), split.train.targets[idx]
+
+    def loss(logits: Tensor, targets: Tensor, inputs: Tensor) -> Tensor:
+        if teachers is None:
+            return epochs.cross_entropy(logits, targets, inputs)
+        soft = teachers(inputs, args.distill_temperature)
+        return distillation_loss(
+            logits.float(), targets, soft, args.distill_weight, args.distill_temperature
+        )
+
+    def snapshot(epoch: int, val_acc: float, history: list[dict[str, Any]]) -> TrainingCheckpoint:
+        return TrainingCheckpoint(
+            arch=args.arch,
+            classes=split.classes,
+            mean=split.mean,
+            std=split.std,
+            state_dict=model.state_dict(),
+            epoch=epoch,
+            val_acc=val_acc,
+            history=history,
+            args=checkpoint.primitive_args(args),
+            input_size=INPUT_SIZE,
+        )
+
+    session = epochs.Session(
+        model=model,
+        opt=opt,
+        sched=sched,
+        scaler=scaler,
+        device=device,
+        amp_dtype=amp_dtype,
+        epochs=args.epochs,
+        out=args.out,
+        steps_per_epoch=steps_per_epoch,
+        batches=batches,
+        evaluate=lambda: evaluate(model, split.val, aug),
+        snapshot=snapshot,
+        loss=loss,
+        progress=not args.no_progress,
     )
+    return session, split.classes
 
 
-def _start(run: Run) -> tuple[list[dict[str, Any]], int]:
+def _start(
+    args: argparse.Namespace, session: epochs.Session, classes: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], int]:
     """The history so far and the first epoch to run: after ``--resume``'s ``last.pt``, or
     from nothing (with ``--init``'s weights when given)."""
-    args = run.args
     if args.init and not args.resume:
         init = checkpoint.load(args.init)
-        if init.arch != args.arch or init.classes != run.split.classes:
+        if init.arch != args.arch or init.classes != classes:
             raise ValueError(
                 f"--init: {args.init} is a {init.arch} over {list(init.classes)},"
-                f" not a {args.arch} over {list(run.split.classes)}"
+                f" not a {args.arch} over {list(classes)}"
             )
-        run.model.load_state_dict(init.state_dict)
+        session.model.load_state_dict(init.state_dict)
         log.info("weights from %s (epoch %d, val_acc %.4f)", args.init, init.epoch, init.val_acc)
     if not args.resume:
         return [], 1
-    last_path = args.out / "last.pt"
-    if not last_path.exists():
-        raise FileNotFoundError(f"--resume: {last_path} does not exist")
-    last = checkpoint.load(last_path)
-    if last.arch != args.arch:
-        raise ValueError(f"--resume: {last_path} is a {last.arch}, not {args.arch}")
-    if last.resume is None:
-        raise ValueError(f"--resume: {last_path} holds no optimizer state to resume")
-    run.model.load_state_dict(last.state_dict)
-    run.opt.load_state_dict(last.resume.optimizer)
-    run.sched.load_state_dict(last.resume.scheduler)
-    if last.resume.scaler is not None:
-        run.scaler.load_state_dict(last.resume.scaler)
-    log.info("resumed from %s after epoch %d", last_path, last.epoch)
-    return last.history, last.epoch + 1
-
-
-def _fit_epoch(run: Run, epoch: int) -> tuple[float, float, int, float]:
-    """One pass over the training images: (mean loss, accuracy, images, seconds)."""
-    args, device, train_ds = run.args, run.device, run.split.train
-    # A generator per epoch: the order and augmentation of epoch e do not depend on
-    # whether the run was interrupted before it, so --resume repeats a run exactly.
-    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    order = torch.randperm(len(train_ds), generator=g)
-    run.model.train()
-    t0 = time.perf_counter()
-    # Running sums stay on the device: reading them every step would stall a GPU.
-    seen = 0
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    bar = tqdm(
-        range(run.steps_per_epoch),
-        desc=f"epoch {epoch}/{args.epochs}",
-        unit="batch",
-        disable=args.no_progress,
-        leave=False,
-        file=sys.stderr,
-    )
-    for step in bar:
-        idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-        x = run.aug(train_ds.images[idx], g).to(device, non_blocking=True)
-        y = train_ds.targets[idx].to(device, non_blocking=True)
-        loss, out = _step(run, x, y)
-        seen += len(y)
-        loss_sum += loss.detach() * len(y)
-        correct += (out.argmax(1) == y).sum()
-        if step % 10 == 0 or step == run.steps_per_epoch - 1:
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / seen:.3f}",
-                acc=f"{correct.item() / seen:.3f}",
-                img_s=f"{seen / (time.perf_counter() - t0):.0f}",
-            )
-    seconds = time.perf_counter() - t0
-    return loss_sum.item() / seen, correct.item() / seen, seen, seconds
-
-
-def _step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """One optimizer step on the batch ``x``, ``y``: (loss, logits)."""
-    args, amp_dtype = run.args, run.amp_dtype
-    with torch.autocast(run.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        out = run.model(x)
-        soft = None if run.teachers is None else run.teachers(x, args.distill_temperature)
-    if soft is None:
-        loss = F.cross_entropy(out.float(), y)
-    else:
-        loss = distillation_loss(
-            out.float(), y, soft, args.distill_weight, args.distill_temperature
-        )
-    run.opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    run.sched.step()
-    return loss, out
+    return epochs.resume(session, arch=args.arch, classes=classes)
