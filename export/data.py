@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import io
 import logging
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from export import imagefolder
 
 log = logging.getLogger(__name__)
 
@@ -82,28 +83,6 @@ def _take_per_class(
     return out
 
 
-def _from_tar(path: Path) -> list[tuple[str, bytes]]:
-    items = []
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            p = PurePosixPath(member.name)
-            if not member.isfile() or p.suffix.lower() not in IMAGE_SUFFIXES or len(p.parts) < 2:
-                continue
-            f = tar.extractfile(member)
-            if f is not None:
-                items.append((p.parent.name, f.read()))
-    # Sort for an order that does not depend on how the archive was written.
-    return sorted(items, key=lambda t: t[0]) if items else items
-
-
-def _from_dir(root: Path) -> list[tuple[str, bytes]]:
-    return [
-        (p.parent.name, p.read_bytes())
-        for p in sorted(root.glob("*/*"))
-        if p.suffix.lower() in IMAGE_SUFFIXES
-    ]
-
-
 def _from_torchvision(root: Path) -> Dataset:
     from torchvision.datasets import CIFAR10
 
@@ -116,15 +95,12 @@ def _from_torchvision(root: Path) -> Dataset:
 def read_files(source: str) -> list[tuple[str, bytes]]:
     """(class name, file bytes) of every image in an ImageFolder directory or a tar of one,
     ordered by class (stably, so that the split of ``stratified_split`` is reproducible)."""
-    path = Path(source)
-    if path.is_dir():
-        return _from_dir(path)
-    if path.is_file() and tarfile.is_tarfile(path):
-        return _from_tar(path)
-    raise FileNotFoundError(
-        f"--data {source!r} is neither an ImageFolder directory, a tar archive of one, "
-        "nor torchvision:cifar10"
-    )
+    try:
+        folder = imagefolder.scan(source, suffixes=IMAGE_SUFFIXES)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--data: {exc}, nor torchvision:cifar10") from exc
+    read = dict(folder.read())
+    return [(e.label, read[i]) for i, e in enumerate(folder.entries)]
 
 
 def load(
