@@ -28,8 +28,7 @@ from export import agreement, onnx_graph, onnx_verify
 from export.errors import ExportError
 from export.labels import read_labels
 from export.onnx_verify import first_line
-from export.repository import ExportResult, target
-from service.engine import Engine, ModelLoadError
+from export.repository import ExportResult, target, write_checked
 from service.metadata import ModelCard, Preprocessing, Provenance
 from service.repository import CONFIG_FILE, read_overrides
 
@@ -128,7 +127,7 @@ def adopt_onnx(
     for key, value in card.to_metadata_props().items():
         adopted.metadata_props.add(key=key, value=value)
     model_path = target_dir / "model.onnx"
-    written = _write_checked(adopted, model_path)
+    written = write_checked(adopted, model_path, what="adopted")
     if not batched:
         _limit_batch(target_dir.parent, name)  # before the model appears: never served unlimited
     os.replace(written, model_path)
@@ -245,20 +244,3 @@ def _limit_batch(model_dir: Path, name: str) -> None:
     tmp.write_text(json.dumps(settings, indent=2) + "\n")
     os.replace(tmp, path)
     log.warning("wrote %s: every version of %s is served one image at a time", path, name)
-
-
-def _write_checked(proto: onnx.ModelProto, path: Path) -> Path:
-    """``proto`` written beside ``path``, valid ONNX that the service's own loader accepts."""
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the adopted graph is not valid ONNX: {first_line(exc)}") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save_model(proto, str(tmp))
-    try:
-        Engine(tmp, providers=("cpu",))
-    except ModelLoadError as exc:
-        tmp.unlink()
-        raise ExportError(f"the service would not load the adopted file: {exc}") from exc
-    return tmp

@@ -235,7 +235,7 @@ def _prune(graph: onnx.GraphProto, outputs: Iterable[str]) -> None:
         if needed.intersection(node.output):
             kept.append(node)
             needed.update(node.input)
-            needed.update(name for sub in _subgraphs(node) for n in sub.node for name in n.input)
+            needed.update(name for sub in subgraphs(node) for n in sub.node for name in n.input)
     del graph.node[:]
     graph.node.extend(reversed(kept))
     weights = [i for i in graph.initializer if i.name in needed]
@@ -252,7 +252,7 @@ def _free_batch(
     dimension) unless the node sets ``allowzero``. Yields what it changed.
     """
     fed = {x}
-    taken = _names(graph)
+    taken = tensor_names(graph)
     for node in graph.node:
         if not fed.intersection(node.input):
             continue
@@ -270,7 +270,7 @@ def _free_batch(
             rewritten[0] = 0
         else:
             continue
-        name = _unique(f"{node.input[1]}_batch", taken)
+        name = unique_name(f"{node.input[1]}_batch", taken)
         graph.initializer.append(numpy_helper.from_array(rewritten, name))
         node.input[1] = name
         yield f"{node.name or node.output[0]!r} target {target.tolist()} -> {rewritten.tolist()}"
@@ -289,12 +289,12 @@ def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
 
 def _rename(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
     """Rename tensors; another tensor that already holds a new name is renamed out of the way."""
-    taken = _names(graph)
-    parked = {old: _unique(f"{new}_adopting", taken) for old, new in mapping.items()}
+    taken = tensor_names(graph)
+    parked = {old: unique_name(f"{new}_adopting", taken) for old, new in mapping.items()}
     _replace(graph, parked)
     for new in mapping.values():
         if new in taken:
-            _replace(graph, {new: _unique(new, taken)})
+            _replace(graph, {new: unique_name(new, taken)})
     _replace(graph, {parked[old]: new for old, new in mapping.items()})
 
 
@@ -303,22 +303,24 @@ def _replace(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
         for names in (node.input, node.output):
             for i, name in enumerate(names):
                 names[i] = mapping.get(name, name)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _replace(sub, mapping)
     for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
         value.name = mapping.get(value.name, value.name)
 
 
-def _names(graph: onnx.GraphProto) -> set[str]:
+def tensor_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name ``graph`` uses, its subgraphs' included (to pick a new one)."""
     names = {v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)}
     for node in graph.node:
         names.update(node.input, node.output)
-        for sub in _subgraphs(node):
-            names |= _names(sub)
+        for sub in subgraphs(node):
+            names |= tensor_names(sub)
     return names
 
 
-def _unique(base: str, taken: set[str]) -> str:
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``taken`` (then added)."""
     name, k = base, 0
     while name in taken:
         k += 1
@@ -327,7 +329,8 @@ def _unique(base: str, taken: set[str]) -> str:
     return name
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs in ``node``'s attributes (an If's branches, a Loop's body)."""
     for attr in node.attribute:
         if attr.HasField("g"):
             yield attr.g

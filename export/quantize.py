@@ -39,12 +39,11 @@ import onnxruntime as ort
 from export import images
 from export import variants as precision_variants
 from export.errors import ExportError, configure_logging, failed
-from export.repository import ExportResult, target
+from export.repository import ExportResult, read_model, target
 from service.metadata import (
     INPUT_NAME,
     LOGITS_NAME,
     Agreement,
-    MetadataError,
     ModelCard,
     Quantization,
 )
@@ -150,8 +149,7 @@ def quantize_model(
     progress: bool = True,
 ) -> ExportResult:
     """Write the ``precision`` variant of ``source`` to ``out/name/version/model.onnx``."""
-    path = source / "model.onnx" if source.is_dir() else source
-    source_bytes, proto, card = _read_source(path)
+    path, source_bytes, proto, card = _read_source(source)
     if precision not in ("int8", "fp16"):
         raise ExportError(f"unknown precision {precision!r}: choose int8 or fp16")
     if precision == "int8" and calibration is None:
@@ -213,30 +211,15 @@ def quantize_model(
     return ExportResult(path=written, version=version, card=new_card, report=report)
 
 
-def _read_source(path: Path) -> tuple[bytes, onnx.ModelProto, ModelCard]:
-    """The source file's bytes (hashed, and run for the agreement), its graph and its card."""
-    if not path.is_file():
-        raise ExportError(f"{path} does not exist (give a model.onnx or its version folder)")
-    try:
-        data = path.read_bytes()
-        proto = onnx.load_from_string(data)
-    except Exception as exc:
-        raise ExportError(f"{path} is not an ONNX model: {exc}") from exc
-    props = {p.key: p.value for p in proto.metadata_props}
-    try:
-        card = ModelCard.from_metadata_props(props)
-    except MetadataError as exc:
-        raise ExportError(
-            f"{path} has no resnet-serve model card ({exc}); quantize a model made by "
-            "python -m export (an ONNX file from elsewhere: adopt it first with "
-            "python -m export FILE.onnx ...)"
-        ) from exc
+def _read_source(path: Path) -> tuple[Path, bytes, onnx.ModelProto, ModelCard]:
+    """The source file's path, bytes (hashed, and run for the agreement), graph and card."""
+    path, data, proto, card = read_model(path)
     if card.quantization is not None:
         raise ExportError(
             f"{path} is already a {card.precision} variant; quantize its fp32 source "
             f"(sha256 {card.quantization.source_sha256[:12]}...)"
         )
-    return data, proto, card
+    return path, data, proto, card
 
 
 def _agreement(
