@@ -17,7 +17,7 @@ import sys
 import onnxruntime
 import uvicorn
 
-from service import __version__
+from service import __version__, supervisor
 from service.app import create_app
 from service.engine import cuda_missing
 from service.logs import configure_logging
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s", banner(settings, set(flags)))
     else:
         print(banner(settings, set(flags)), flush=True)
+    if settings.workers > 1:
+        return supervisor.serve(settings)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal; with this
     # handler in place the process then exits 0 instead of dying by the signal.
     for signum in (signal.SIGTERM, signal.SIGINT):

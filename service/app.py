@@ -32,6 +32,7 @@ from service.middleware import (
     RequestContextMiddleware,
 )
 from service.registry import ModelRegistry
+from service.remote_registry import RemoteRegistry
 from service.routes import embed, health, models, predict, v2
 from service.routes.deps import AppContext
 from service.settings import Settings
@@ -51,10 +52,18 @@ absent), `X-Request-Timeout` (seconds; less than the server's limit shortens the
 """
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """A new app serving the models under ``settings.models_dir``."""
+def create_app(settings: Settings, *, engine_path: str | None = None) -> FastAPI:
+    """A new app serving the models under ``settings.models_dir``.
+
+    With ``engine_path`` it is one front end of several (``--workers``): the models run
+    in the engine process listening there (:mod:`service.supervisor`).
+    """
     metrics = Metrics()
-    registry = ModelRegistry(settings, metrics)
+    registry = (
+        ModelRegistry(settings, metrics)
+        if engine_path is None
+        else RemoteRegistry(settings, metrics, engine_path)
+    )
     context = AppContext(
         settings=settings,
         registry=registry,

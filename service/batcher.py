@@ -14,8 +14,13 @@ request with several images submits several items, which may span batches.
 A lone image has a shorter path (:meth:`Batcher.run_alone`): when nothing is queued or
 running and no other request is being decoded for this model, batching has nothing to add
 to it, so the thread that decoded it runs it at once, saving two thread hand-offs (about
-half a millisecond on a small VM). A lock keeps engine runs one at a time on either path;
-with ``max_delay_s`` > 0 every image takes the queue, as configured.
+half a millisecond on a small VM). With ``max_delay_s`` > 0 every image takes the queue,
+as configured.
+
+``instances`` (Triton's ``instance_group`` count) is how many batches of one model may run
+at once, each in its own engine thread: two 1-thread streams use two cores with less
+synchronisation than one 2-thread stream, and on a GPU two batches overlap copies and
+compute. A semaphore of that size bounds engine runs on either path.
 """
 
 from __future__ import annotations
@@ -47,7 +52,11 @@ RunBatch = Callable[[Sequence[np.ndarray]], Outputs]
 class BatchObserver(Protocol):
     """Receives what the batcher does (metrics.py implements it)."""
 
-    def batch_done(self, size: int, queue_waits: Sequence[float], run_seconds: float) -> None: ...
+    def batch_done(
+        self, size: int, queue_waits: Sequence[float], run_seconds: float, sources: int
+    ) -> None:
+        """A batch ran: its size, each item's wait, the run's seconds and how many front
+        ends (processes) its items came from."""
 
     def queue_depth(self, depth: int) -> None: ...
 
@@ -61,6 +70,8 @@ class Pending:
     enqueued: float = field(default=0.0)
     deadline: float | None = None
     """Loop time after which nobody waits for the result: dropped, never run."""
+    source: int = 0
+    """Which front-end process sent it (0 in a single-process server)."""
 
 
 def _set_result(future: asyncio.Future[Outputs], value: Outputs) -> None:
@@ -84,10 +95,13 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         max_queue_size: int,
+        instances: int = 1,
         observer: BatchObserver | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
+        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0 or instances < 1:
+            raise ValueError(
+                "max_batch_size, max_queue_size and instances must be >= 1, max_delay_s >= 0"
+            )
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -98,10 +112,14 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        # One thread: one batch in flight per model, while the loop gathers the next one.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{name}")
-        # One engine run at a time, from the executor or from run_alone's caller.
-        self._engine = threading.Lock()
+        self.instances = instances
+        # A thread per instance: that many batches in flight per model, while the loop
+        # gathers the next one.
+        self._executor = ThreadPoolExecutor(instances, thread_name_prefix=f"engine-{name}")
+        # At most `instances` engine runs at a time, from the executor or run_alone's caller.
+        self._engine = threading.BoundedSemaphore(instances)
+        self._running: set[asyncio.Task[None]] = set()
+        self._instance_free = asyncio.Event()
         self._decoding = 0  # requests being decoded for this model (see decoding())
 
     @property
@@ -117,7 +135,7 @@ class Batcher:
             )
 
     def submit(
-        self, rows: Sequence[np.ndarray], *, deadline: float | None = None
+        self, rows: Sequence[np.ndarray], *, deadline: float | None = None, source: int = 0
     ) -> list[asyncio.Future[Outputs]]:
         """Queue rows (all or none); each future resolves to that row's outputs.
 
@@ -137,7 +155,7 @@ class Batcher:
         futures: list[asyncio.Future[Outputs]] = []
         for row in rows:
             future: asyncio.Future[Outputs] = loop.create_future()
-            self._queue.append(Pending(row, future, now, deadline))
+            self._queue.append(Pending(row, future, now, deadline, source))
             futures.append(future)
         self._wakeup.set()
         if self._observer is not None:
@@ -183,7 +201,7 @@ class Batcher:
             self._engine.release()
         (result,) = _split(outputs, 1, self.name)
         if self._observer is not None:
-            self._observer.batch_done(1, [0.0], seconds)
+            self._observer.batch_done(1, [0.0], seconds, 1)
         return result
 
     async def stop(self, timeout_s: float | None = None) -> None:
@@ -203,18 +221,40 @@ class Batcher:
         self._executor.shutdown(wait=False)
 
     async def _loop(self) -> None:
-        while True:
-            self._drop_cancelled_head()
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._wait_for_batch()
-            batch = self._take()
-            if batch:
-                await self._run_batch(batch)
+        try:
+            while True:
+                self._drop_cancelled_head()
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                await self._wait_for_batch()
+                if self.instances == 1:
+                    batch = self._take()
+                    if batch:
+                        await self._run_batch(batch)
+                    continue
+                while len(self._running) >= self.instances:  # every instance is busy
+                    self._instance_free.clear()
+                    await self._instance_free.wait()
+                batch = self._take()
+                if batch:
+                    task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+                    self._running.add(task)
+                    task.add_done_callback(self._batch_finished)
+        except asyncio.CancelledError:  # stop() timed out: fail the batches still running
+            for task in self._running:
+                task.cancel()
+            raise
+        finally:  # every running batch resolves its futures before the loop ends
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _batch_finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._instance_free.set()
 
     def _drop_cancelled_head(self) -> None:
         while self._queue and self._queue[0].future.done():
@@ -277,7 +317,8 @@ class Batcher:
                 _set_result(item.future, row_outputs)
             if self._observer is not None:
                 waits = [started - item.enqueued for item in batch]
-                self._observer.batch_done(len(batch), waits, run_seconds)
+                sources = len({item.source for item in batch})
+                self._observer.batch_done(len(batch), waits, run_seconds, sources)
         except InferenceFailed as exc:
             log.error("batcher %s: %s", self.name, exc.message)
             for item in batch:

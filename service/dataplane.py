@@ -20,8 +20,9 @@ Nothing here knows a protocol's request or response format; the routes do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
@@ -30,7 +31,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import Receive
 
-from service.batcher import Batcher, Outputs
+from service.batcher import Outputs
 from service.errors import (
     BadRequest,
     ClientDisconnected,
@@ -121,16 +122,27 @@ class DataPlane:
     async def run_request(self, request: Request, served: ServedModel) -> list[Outputs]:
         """The images of an image request (/predict, /embed), read and run on ``served``,
         in flight on it from the first byte read (unloading waits for the request)."""
-        with served.in_flight():
+        with self.in_flight(served):
             images = await self.read_images(request)
             return await self.run_images(request, served, images)
+
+    @contextlib.contextmanager
+    def in_flight(self, served: ServedModel) -> Iterator[None]:
+        """A request in flight on ``served`` (unloading waits for it), counted in metrics."""
+        gauge = self.metrics.in_flight.labels(served.name)
+        gauge.inc()
+        try:
+            with served.in_flight():
+                yield
+        finally:
+            gauge.dec()
 
     async def run_images(
         self, request: Request, served: ServedModel, images: Sequence[Image]
     ) -> list[Outputs]:
         """Decode ``images`` and run them on ``served``: one output mapping per image.
 
-        The caller holds ``served.in_flight()`` (unloading waits for the request).
+        The caller holds :meth:`in_flight` (unloading waits for the request).
         """
         loaded = served.require_loaded()
         self.check_count(len(images))
@@ -272,7 +284,7 @@ def _decode_and_run_alone(
 ) -> tuple[np.ndarray, Outputs | None, float]:
     """(the row, its outputs if it ran alone or None, seconds running it), in a pool thread."""
     row = loaded.preprocessor(data)
-    batcher: Batcher = loaded.batcher
+    batcher = loaded.batcher
     start = time.perf_counter()
     outputs = batcher.run_alone(row, expires=expires)
     return row, outputs, (time.perf_counter() - start) if outputs is not None else 0.0

@@ -7,14 +7,17 @@ template and by the model a handler resolved, so label values never come from ra
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PREFIX = "resnet_serve"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -86,18 +89,48 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.batch_sources = Histogram(
+            f"{PREFIX}_batch_sources",
+            "Front-end processes whose images share a batch (always 1 with one worker)",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        # Gauges say how processes combine under --workers (prometheus_client's multiprocess
+        # mode): the engine process alone sets these, and a dead one's values go with it.
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth",
             "Images waiting for a batch",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight",
+            "Inference requests being read, decoded, queued or run",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.model_ready = Gauge(
             f"{PREFIX}_model_ready",
             "1 when the model version is loaded and warm",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livemax",
         )
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this app's metrics, or every process's under --workers.
+
+        With several processes (``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor) each
+        writes its values to files there, and any front end's scrape adds them all up.
+        """
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
     def batch_observer(self, model: str, version: int) -> BatchMetrics:
         """The batcher's view of the metrics for one model version."""
@@ -120,9 +153,13 @@ class BatchMetrics:
         self._inference = metrics.inference.labels(model, version)
         self._size = metrics.batch_size.labels(model, version)
         self._depth = metrics.queue_depth.labels(model, version)
+        self._sources = metrics.batch_sources.labels(model, version)
 
-    def batch_done(self, size: int, queue_waits: Sequence[float], run_seconds: float) -> None:
+    def batch_done(
+        self, size: int, queue_waits: Sequence[float], run_seconds: float, sources: int
+    ) -> None:
         self._size.observe(size)
+        self._sources.observe(sources)
         self._inference.observe(run_seconds)
         for wait in queue_waits:
             self._wait.observe(wait)

@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.batcher import Batcher
 from service.engine import Engine, ThreadSettings, warmup_sizes
@@ -26,6 +27,9 @@ from service.metrics import Metrics
 from service.preprocess import Preprocessor
 from service.repository import ModelEntry, RepositoryError, scan, scan_model
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.engine_client import RemoteBatcher, RemoteEngine
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +51,20 @@ class BatchingSettings:
     max_batch_size: int
     max_delay_ms: float
     max_queue_size: int
+    instances: int
 
 
 @dataclass(frozen=True)
 class Loaded:
-    """What a ready model version runs requests with: always all three together."""
+    """What a ready model version runs requests with: always all three together.
 
-    engine: Engine
+    In a front-end process (``--workers`` > 1) the engine and batcher are the engine
+    process's, seen through :mod:`service.engine_client`.
+    """
+
+    engine: Engine | RemoteEngine
     preprocessor: Preprocessor
-    batcher: Batcher
+    batcher: Batcher | RemoteBatcher
 
 
 @dataclass
@@ -109,14 +118,22 @@ class ServedModel:
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
         """Count a request as in flight on this version: unloading waits for it to end."""
-        self.requests += 1
-        self.idle.clear()
+        self.begin_request()
         try:
             yield
         finally:
-            self.requests -= 1
-            if not self.requests:
-                self.idle.set()
+            self.end_request()
+
+    def begin_request(self) -> None:
+        """A request is in flight (:meth:`in_flight`, for callers without a block)."""
+        self.requests += 1
+        self.idle.clear()
+
+    def end_request(self) -> None:
+        """The request of the matching :meth:`begin_request` has ended."""
+        self.requests -= 1
+        if not self.requests:
+            self.idle.set()
 
 
 class ModelRegistry:
@@ -130,6 +147,20 @@ class ModelRegistry:
         self.repository_error: str | None = None
         self.scanned = False
         self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a model version is added, changes state or goes."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    @property
+    def marked_default(self) -> frozenset[str]:
+        """The models whose config.json says ``"default": true``."""
+        return frozenset(self._marked_default)
 
     async def load_all(self) -> None:
         """Scan the repository and load every version of every model, one after another."""
@@ -152,6 +183,7 @@ class ModelRegistry:
         for entry in entries.values():
             self._register(entry)
         self.scanned = True
+        self._changed()
         for entry in entries.values():
             await self._load_entry(entry)
 
@@ -164,6 +196,7 @@ class ModelRegistry:
                 raise ModelNotFound(f"no model {name!r} under {self.settings.models_dir}")
             await self._unload(name)
             self._register(entry)
+            self._changed()
             await self._load_entry(entry)
 
     async def unload(self, name: str) -> None:
@@ -173,6 +206,8 @@ class ModelRegistry:
 
     async def _unload(self, name: str, drain_timeout_s: float | None = None) -> None:
         versions = self.models.pop(name, {})
+        if versions:
+            self._changed()
         for served in versions.values():
             self.metrics.model_ready.labels(name, str(served.version)).set(0)
             try:
@@ -270,6 +305,7 @@ class ModelRegistry:
             max_batch_size=o.max_batch_size or s.max_batch_size,
             max_delay_ms=s.max_delay_ms if o.max_delay_ms is None else o.max_delay_ms,
             max_queue_size=o.max_queue_size or s.max_queue_size,
+            instances=o.instances or s.instances,
         )
         self.models[entry.name] = {
             version: ServedModel(entry.name, version, path, batching)
@@ -287,8 +323,11 @@ class ModelRegistry:
     async def _load_version(self, served: ServedModel) -> None:
         s = self.settings
         served.reason = "loading"
+        self._changed()
         log.info("loading %s v%d from %s", served.name, served.version, served.path)
-        threads = ThreadSettings(s.intra_op_threads, s.inter_op_threads, s.allow_spinning)
+        threads = ThreadSettings(
+            s.intra_op_threads_for(served.batching.instances), s.inter_op_threads, s.allow_spinning
+        )
         try:
             engine = await asyncio.to_thread(
                 Engine,
@@ -298,6 +337,7 @@ class ModelRegistry:
                 require_gpu=s.require_gpu,
             )
             served.reason = "warming up"
+            self._changed()
             sizes = warmup_sizes(served.batching.max_batch_size)
             served.warmup_seconds = await asyncio.to_thread(engine.warm_up, sizes)
         except Exception as exc:  # any failure marks this version failed; others keep serving
@@ -311,6 +351,7 @@ class ModelRegistry:
             max_batch_size=b.max_batch_size,
             max_delay_s=b.max_delay_ms / 1000.0,
             max_queue_size=b.max_queue_size,
+            instances=b.instances,
             observer=self.metrics.batch_observer(served.name, served.version),
         )
         batcher.start()
@@ -319,6 +360,7 @@ class ModelRegistry:
         )
         served.ready(Loaded(engine, preprocessor, batcher))
         self.metrics.model_ready.labels(served.name, str(served.version)).set(1)
+        self._changed()
         log.info(
             "model %s v%d ready on %s (%d classes, embedding %d, warm-up at batch sizes %s "
             "took %.2f s)",
@@ -334,3 +376,4 @@ class ModelRegistry:
     def _fail(self, served: ServedModel, reason: str) -> None:
         served.fail(reason)
         self.metrics.model_ready.labels(served.name, str(served.version)).set(0)
+        self._changed()

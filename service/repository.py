@@ -2,7 +2,8 @@
 
 Versions are positive integers; the highest is the latest. An optional
 ``<root>/<name>/config.json`` overrides the batching settings for every version of that
-model, e.g. ``{"max_batch_size": 16, "max_delay_ms": 2, "max_queue_size": 256}``, and
+model, e.g. ``{"max_batch_size": 16, "max_delay_ms": 2, "max_queue_size": 256,
+"instances": 2}``, and
 ``"default": true`` makes it the model of requests that name none when the repository
 serves several (the ``default_model`` setting, when set, wins).
 Anything else in the tree is ignored, with a warning where it looks like a mistake.
@@ -37,6 +38,9 @@ class BatchingOverrides(BaseModel):
     max_batch_size: int | None = Field(default=None, ge=1, le=1024)
     max_delay_ms: float | None = Field(default=None, ge=0.0, le=10_000.0)
     max_queue_size: int | None = Field(default=None, ge=1)
+    instances: int | None = Field(
+        default=None, ge=1, le=64, description="Batches that may run at once (Triton's count)."
+    )
     default: bool = Field(
         default=False, description="The model of requests that name none (one per repository)."
     )

@@ -40,6 +40,7 @@ class BatchingInfo(BaseModel):
     max_batch_size: int
     max_delay_ms: float
     max_queue_size: int
+    instances: int = Field(description="Batches of this version that may run at once.")
 
 
 class VersionInfo(BaseModel):

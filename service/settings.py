@@ -50,6 +50,20 @@ class Settings(BaseSettings):
         description="ONNX Runtime providers, comma-separated, in order of preference: "
         "'auto' (CUDA when usable, else CPU), 'cuda', 'cpu' or full provider names.",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Front-end processes sharing the port, each doing HTTP, limits and "
+        "decoding. 1: one process does everything. More: the models run in one engine "
+        "process that batches images from all of them (Linux).",
+    )
+    shared_memory_mb: int = Field(
+        default=256,
+        ge=1,
+        description="Shared memory per front-end process for images on their way to the "
+        "engine and their outputs (workers > 1); a request that finds it full gets 503.",
+    )
     max_batch_size: int = Field(
         default=32, ge=1, le=1024, description="Largest batch per engine run."
     )
@@ -70,7 +84,16 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=0,
         ge=0,
-        description="ONNX Runtime threads per engine run (0: one per physical core).",
+        description="ONNX Runtime threads per engine run (0: the engine's CPUs divided among "
+        "a model's instances; ONNX Runtime's own choice with one instance).",
+    )
+    instances: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Batches of one model version that may run at once, each in its own "
+        "engine thread on one shared session (Triton's instance_group count); a model's "
+        "config.json may set its own.",
     )
     inter_op_threads: int = Field(default=1, ge=0, description="ONNX Runtime inter-op threads.")
     allow_spinning: bool = Field(
@@ -202,6 +225,12 @@ class Settings(BaseSettings):
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None
 
+    def intra_op_threads_for(self, instances: int) -> int:
+        """ONNX Runtime threads per run for a model with ``instances`` concurrent runs."""
+        if self.intra_op_threads or instances == 1:
+            return self.intra_op_threads
+        return max(1, available_cpus() // instances)
+
     def effective_preprocess_threads(self) -> int:
         """The decode pool's size: the setting, or one thread per CPU."""
         return self.preprocess_threads or (os.cpu_count() or 1)
@@ -212,6 +241,14 @@ class Settings(BaseSettings):
             (name, ENV_PREFIX + name.upper(), _show(getattr(self, name)))
             for name in type(self).model_fields
         ]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a container's limit where the OS applies one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _show(value: object) -> str:

@@ -95,7 +95,7 @@ def model_config(served: ServedModel) -> ModelConfig:
         instance_group=[
             InstanceGroup(
                 name=served.name,
-                count=1,
+                count=batching.instances,
                 kind="KIND_GPU" if engine.provider == CUDA else "KIND_CPU",
             )
         ],

@@ -25,6 +25,16 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., S
         server.stop()
 
 
+@pytest.fixture(scope="module", params=[1, 2], ids=lambda n: f"workers={n}")
+def workers(request: pytest.FixtureRequest) -> list[str]:
+    """``--workers`` flags: one process, and two front ends over an engine process.
+
+    Modules whose guarantees must hold across processes (drain, overload, faults, the v2
+    repository, metrics) launch their servers with these, so each runs both ways.
+    """
+    return ["--workers", str(request.param)]
+
+
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory, cifar_model_file: Path) -> Path:
     """cifar10-resnet20/1 (service defaults) and batched/1 (max 4 per batch, 5 s delay)."""

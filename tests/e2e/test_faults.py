@@ -25,7 +25,10 @@ POISON = "poison"
 
 @pytest.fixture(scope="module")
 def faults(
-    launch: Callable[..., Server], tmp_path_factory: pytest.TempPathFactory, cifar_model_file: Path
+    launch: Callable[..., Server],
+    tmp_path_factory: pytest.TempPathFactory,
+    cifar_model_file: Path,
+    workers: list[str],
 ) -> Server:
     root = tmp_path_factory.mktemp("faults")
     (root / "good" / "1").mkdir(parents=True)
@@ -38,7 +41,7 @@ def faults(
     )
     truncated(cifar_model_file, root / "corrupt" / "1" / "model.onnx")
     renamed_input(cifar_model_file, root / "wrong" / "1" / "model.onnx")
-    server = launch(root, "--default-model", "good", ready=False)
+    server = launch(root, "--default-model", "good", *workers, ready=False)
     with server.client() as client:
         wait_for(
             lambda: "loading" not in client.get("/readyz").json()["models"].values(),

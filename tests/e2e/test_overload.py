@@ -30,8 +30,8 @@ cores: about 25 MiB with the admission limit, over 100 MiB with it lifted (every
 
 
 @pytest.fixture(scope="module")
-def overloaded(launch: Callable[..., Server], model_repo: Path) -> Server:
-    flags = ["--default-model", "cifar10-resnet20", "--max-queue-size", "8"]
+def overloaded(launch: Callable[..., Server], model_repo: Path, workers: list[str]) -> Server:
+    flags = ["--default-model", "cifar10-resnet20", "--max-queue-size", "8", *workers]
     flags += ["--max-batch-size", "4", "--max-concurrent-requests", "12"]
     return launch(model_repo, *flags)
 

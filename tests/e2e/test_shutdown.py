@@ -26,14 +26,16 @@ HELD = 8
 
 
 @pytest.fixture
-def draining(launch: Callable[..., Server], tmp_path: Path, cifar_model_file: Path) -> Server:
+def draining(
+    launch: Callable[..., Server], tmp_path: Path, cifar_model_file: Path, workers: list[str]
+) -> Server:
     for name in ("fast", "slow"):
         (tmp_path / name / "1").mkdir(parents=True)
         (tmp_path / name / "1" / "model.onnx").symlink_to(cifar_model_file)
     (tmp_path / "slow" / "config.json").write_text(
         json.dumps({"max_batch_size": 16, "max_delay_ms": 5000})
     )
-    flags = ["--default-model", "fast", "--log-format", "json", "--access-log", "true"]
+    flags = ["--default-model", "fast", "--log-format", "json", "--access-log", "true", *workers]
     return launch(tmp_path, *flags, "--drain-timeout-s", "20", "--max-batch-size", "4")
 
 

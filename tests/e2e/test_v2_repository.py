@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from e2e_server import Server, wait_for
+from e2e_server import Server, metric, wait_for
 from tritonclient.utils import InferenceServerException
 
 Client = triton.InferenceServerClient
@@ -70,7 +70,10 @@ def write_fragile(source: Path, target: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, cifar_model_file: Path) -> Path:
+def repo(
+    tmp_path_factory: pytest.TempPathFactory, cifar_model_file: Path, workers: list[str]
+) -> Path:
+    # A repository per server (per --workers): the tests add models to it.
     root = tmp_path_factory.mktemp("v2-repository")
     link(root, "cifar", cifar_model_file)
     link(root, "spare", cifar_model_file)
@@ -85,9 +88,10 @@ def connect(server: Server) -> Client:
 
 
 @pytest.fixture(scope="module")
-def own_server(launch: Callable[..., Server], repo: Path) -> Server:
+def own_server(launch: Callable[..., Server], repo: Path, workers: list[str]) -> Server:
     # Never ready as a whole (broken fails to load): wait for every model to settle.
-    server = launch(repo, "--max-batch-size", "4", "--model-control", "explicit", ready=False)
+    flags = ["--max-batch-size", "4", "--model-control", "explicit", *workers]
+    server = launch(repo, *flags, ready=False)
     with connect(server) as client:
         wait_for(
             lambda: (
@@ -201,8 +205,12 @@ def test_unload_waits_for_the_request_in_flight(client: Client, own_server: Serv
             f"Content-Length: {len(body)}\r\nInference-Header-Content-Length: {len(header)}\r\n"
         )
         sock.sendall(head.encode() + b"\r\n" + body[:100])
-        # The server takes requests in order: once this answers, ours has resolved 'spare'.
-        assert httpx.get(f"{own_server.url}/v2/health/live", timeout=30).status_code == 200
+        # Every front end's requests in flight add up on /metrics: ours has resolved 'spare'.
+        with httpx.Client(base_url=own_server.url, timeout=30) as metrics:
+            wait_for(
+                lambda: metric(metrics, "resnet_serve_requests_in_flight", model="spare") == 1,
+                "the request to be in flight",
+            )
         with ThreadPoolExecutor(1) as pool:
             unloading = pool.submit(lambda: connect(own_server).unload_model("spare"))
             wait_for(lambda: not client.is_model_ready("spare"), "the unload to start")

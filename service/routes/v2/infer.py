@@ -95,7 +95,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     loaded = served.require_loaded()
     dataplane = context.dataplane
     # In flight from here: unloading the model waits for this request (body included).
-    with served.in_flight():
+    with dataplane.in_flight(served):
         body = await dataplane.read_body(request)
         encoding = request.headers.get("content-encoding")
         body = decompress(body, encoding, limit=context.settings.max_body_bytes)
