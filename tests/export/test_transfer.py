@@ -257,3 +257,41 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         "--val-fraction must be in (0, 0.5], got 0.7"
     )
     assert not repo.exists()
+
+
+def test_a_flip_tta_source_keeps_its_flip(groups: Path, tmp_path: Path) -> None:
+    """With --tta flip the old head runs on both halves and averages them (Gemm, 2 Slice,
+    Add, Div); the new Gemm on the averaged embedding is the same linear map, once."""
+    from export.api import export_model  # torch: only to make the source
+
+    source = export_model("cifar-resnet20", out=tmp_path, name="tta", tta="flip").path
+    made = transfer_model(source, data=groups, out=tmp_path, name="g", progress=False)
+    assert "(Add, Div, Gemm, 2 Slice replaced by a 3-class" in made.report
+    assert made.card.provenance.test_time_augmentation == "flip"
+    served, original = _served(made.path), _served(source)
+    assert np.array_equal(served["embedding"], original["embedding"])
+    weight, bias = _head(made.path)
+    np.testing.assert_allclose(served["logits"], served["embedding"] @ weight.T + bias, atol=1e-5)
+
+
+def test_transfer_runs_without_torch(groups: Path, tmp_path: Path) -> None:
+    """The whole command, in a process where importing torch fails (as where it is absent)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "repo"
+    argv = [str(SHIPPED), "--data", str(groups), "--out", str(out), "--name", "m", "--no-progress"]
+    code = f"""
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ImportError("no torch here")
+sys.meta_path.insert(0, NoTorch())
+from export.transfer import main
+sys.exit(main({argv!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "validation accuracy: 100.00% (9/9)" in result.stdout
+    assert (out / "m" / "1" / "model.onnx").is_file()
