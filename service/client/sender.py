@@ -30,6 +30,7 @@ IMAGE_FAULTS = frozenset(
     {"unsupported_image", "invalid_image", "missing_image", "payload_too_large", "unreadable"}
 )
 """Error codes that belong to the image sent (see docs/api.md), not to the request."""
+OCTET_STREAM = "application/octet-stream"
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_WAIT_S = 30.0
 """The longest pause before a retry, whatever ``Retry-After`` says."""
@@ -97,18 +98,14 @@ class Sender:
 
     async def _post(self, images: list[tuple[str, bytes]]) -> httpx.Response:
         """The first answer that is not worth retrying, or the last one."""
+        body, kind = (images[0][1], OCTET_STREAM) if len(images) == 1 else _multipart(images)
         attempt = 0
         while True:
             last = attempt == self.retries
             try:
-                if len(images) == 1:
-                    headers = {"Content-Type": "application/octet-stream"}
-                    response = await self.client.post(
-                        self.route, params=self.params, content=images[0][1], headers=headers
-                    )
-                else:
-                    files = [("file", (p, data, "application/octet-stream")) for p, data in images]
-                    response = await self.client.post(self.route, params=self.params, files=files)
+                response = await self.client.post(
+                    self.route, params=self.params, content=body, headers={"Content-Type": kind}
+                )
             except httpx.TransportError as exc:
                 if last:
                     raise Fatal(
@@ -139,6 +136,21 @@ class Sender:
         if len(results) != count:
             raise Fatal(f"sent {count} images, got {len(results)} results", EXIT_UNREACHABLE)
         return [{"model": model, "version": version, **result} for result in results]
+
+
+def _multipart(images: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body of ``file`` parts, and its Content-Type.
+
+    Built as one bytes object, sent in one write: httpx's own encoder writes each part's
+    headers and content to the socket separately, several small writes per image.
+    """
+    boundary = os.urandom(16).hex()  # as httpx does: never found in the data by chance
+    body = bytearray()
+    for i, (_, data) in enumerate(images):
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}"'
+        body += f"{head}\r\nContent-Type: {OCTET_STREAM}\r\n\r\n".encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return bytes(body), f"multipart/form-data; boundary={boundary}"
 
 
 def _error_of(response: httpx.Response) -> tuple[str, str]:
