@@ -89,11 +89,14 @@ class EngineClient:
             except OSError:
                 await asyncio.sleep(RECONNECT_S)  # the engine is starting: its socket is not up
                 continue
-            self.connected = True
-            if not first:
-                log.info("reconnected to the engine process")
-            first = False
             try:
+                # Connected once the engine's model list is here: until then the list this
+                # process holds is the last engine's, which may no longer be true.
+                self._dispatch(await read_message(reader))
+                self.connected = True
+                if not first:
+                    log.info("reconnected to the engine process")
+                first = False
                 while True:
                     self._dispatch(await read_message(reader))
             except ChannelClosed:

@@ -7,13 +7,22 @@ batch runs as soon as four images are queued, and the metrics show exactly what 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 from e2e_server import BATCHED, Server, metric, wait_for
 
 LABELS = {"model": BATCHED, "version": "1"}
+
+
+@pytest.fixture(scope="module")
+def server(launch: Callable[..., Server], model_repo: Path, workers: list[str]) -> Server:
+    """Batching and cancellation hold in one process and across front ends alike."""
+    return launch(model_repo, "--default-model", "cifar10-resnet20", *workers)
 
 
 def post(server: Server, data: bytes) -> httpx.Response:

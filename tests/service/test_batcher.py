@@ -291,3 +291,38 @@ async def test_real_engine_batches_equal_one_engine_run(cifar_model_file: object
     assert metrics.registry.get_sample_value("resnet_serve_batch_size_count", labels) == 3
     assert metrics.registry.get_sample_value("resnet_serve_batch_size_sum", labels) == 7
     await batcher.stop()
+
+
+async def test_instances_run_that_many_batches_at_once(gated: GatedRun) -> None:
+    batcher = make(gated, max_batch_size=4, instances=2)
+    first = batcher.submit([row(1)])
+    assert await gated.next_batch() == [1.0]  # instance 1 runs, blocked on the gate
+    second = batcher.submit([row(2)])
+    assert await gated.next_batch() == [2.0]  # instance 2 does not wait for it
+    queued = [f for v in (3, 4) for f in batcher.submit([row(v)])]
+    assert batcher.depth == 2  # both instances busy: these wait, and batch together
+    gated.gate.set()
+    assert await results(first + second + queued) == [2.0, 4.0, 6.0, 8.0]
+    assert gated.batches == [[1.0], [2.0], [3.0, 4.0]]
+    await batcher.stop()
+
+
+async def test_stop_resolves_every_future_of_every_instance(gated: GatedRun) -> None:
+    batcher = make(gated, max_batch_size=1, instances=2)
+    futures = [f for v in (1, 2, 3) for f in batcher.submit([row(v)])]
+    assert sorted([await gated.next_batch(), await gated.next_batch()]) == [[1.0], [2.0]]
+    await batcher.stop(timeout_s=0.05)  # both runs blocked past the drain timeout
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(outcome, ShuttingDown) for outcome in outcomes)
+
+
+async def test_batches_count_the_front_ends_their_rows_came_from(gated: GatedRun) -> None:
+    metrics = Metrics()
+    batcher = make(gated, max_batch_size=4, max_delay_s=60.0)
+    batcher._observer = metrics.batch_observer("test", 1)
+    gated.gate.set()
+    futures = [f for source in (11, 12, 11, 12) for f in batcher.submit([row(1)], source=source)]
+    await results(futures)
+    labels = {"model": "test", "version": "1"}
+    assert metrics.registry.get_sample_value("resnet_serve_batch_sources_sum", labels) == 2.0
+    await batcher.stop()
