@@ -24,6 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,10 @@ def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.n
     chosen: Head | None = None
     scores = []
     for c in C_GRID:
-        with warnings.catch_warnings(record=True) as caught:
+        # One BLAS thread: on matrices this small (images x embedding width) threads cost
+        # more than they save, and on a busy machine their spin-waiting makes a fit many
+        # times slower than a single thread.
+        with warnings.catch_warnings(record=True) as caught, threadpool_limits(1):
             warnings.simplefilter("always", ConvergenceWarning)
             pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=MAX_ITER))
             pipeline.fit(x_train, y_train)
