@@ -77,7 +77,13 @@ def export_model(
     target_dir, version = target(out, name, version, overwrite=overwrite)
 
     ckpt = checkpoint.load(checkpoint_path) if checkpoint_path is not None else None
-    if ckpt is not None and ckpt.arch is not None and ckpt.arch != arch:
+    # A model fine-tuned from a Hub folder is exported with that folder, wherever it now is:
+    # the folder's config hash, not its path, says whether it is the same one.
+    if (
+        ckpt is not None
+        and ckpt.arch not in (None, arch)
+        and not (ckpt.config_sha256 is not None and builders.kind_of(arch) == "folder")
+    ):
         raise ExportError(f"checkpoint {ckpt.path} was trained as {ckpt.arch}, not {arch}")
     names = _labels(labels) or (ckpt.classes if ckpt else None)
 
@@ -88,6 +94,7 @@ def export_model(
         num_classes=len(names) if names else None,
         code_path=code_path,
         state=ckpt.state_dict if ckpt else None,
+        config_sha256=ckpt.config_sha256 if ckpt else None,
     )
     if ckpt is not None:
         checkpoint.apply(source.model, ckpt.state_dict, what=arch)
@@ -104,7 +111,7 @@ def export_model(
         raise ExportError(f"test-time augmentation must be one of {choices}, got {tta!r}")
     model.eval()
 
-    pre = _preprocessing(
+    pre = preprocessing(
         source, ckpt, input_size=input_size, resize=resize, mean=mean, std=std,
         interpolation=interpolation, channel_order=channel_order,
     )  # fmt: skip
@@ -188,26 +195,29 @@ def _weights_text(arch: str, weights: str | None, ckpt: Path | None) -> str:
     return "the folder's weights" if Path(arch).is_dir() else "random weights, untrained"
 
 
-def _preprocessing(
+def preprocessing(
     source: builders.Source,
     ckpt: checkpoint.Checkpoint | None,
     *,
     input_size: int | None,
     resize: int | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    interpolation: Interpolation | None,
-    channel_order: Literal["RGB", "BGR"],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: Interpolation | None = None,
+    channel_order: Literal["RGB", "BGR"] = "RGB",
 ) -> Preprocessing:
-    """Flags first, then the checkpoint, then the source's defaults.
+    """The card's preprocessing: flags first, then the checkpoint, then the source's defaults.
 
     A new crop size without a resize keeps the source's resize/crop ratio (256/224 for
     ImageNet models, 1 for CIFAR ones; ``floor(crop / crop_pct)`` for timm and
     transformers, as their transforms compute it). A source whose own transform the card
-    cannot state needs both sizes given.
+    cannot state needs both sizes given. Fine-tuning computes its eval transform here too,
+    so that it validates on what the export will serve.
     """
     d = source.defaults
-    if d.unsupported is not None:
+    # A fine-tuned checkpoint states the sizes it was validated at, which the card takes.
+    sized = ckpt is not None and bool(ckpt.resize) and input_size in (None, ckpt.input_size)
+    if d.unsupported is not None and not sized:
         if input_size is None or resize is None:
             raise ExportError(
                 f"{d.unsupported}: give --input-size and --resize to serve it with a "
@@ -216,7 +226,9 @@ def _preprocessing(
         log.warning("%s: serving it with --resize %d --input-size %d", d.unsupported, resize,
                     input_size)  # fmt: skip
     crop = input_size or (ckpt.input_size if ckpt else None) or d.crop
-    if resize is None and crop == d.crop:
+    if resize is None and ckpt is not None and ckpt.resize and crop == ckpt.input_size:
+        resize = ckpt.resize
+    elif resize is None and crop == d.crop:
         resize = d.resize
     elif resize is None:
         resize = math.floor(crop / d.crop_pct) if d.crop_pct else round(crop * d.resize / d.crop)
@@ -232,9 +244,22 @@ def _preprocessing(
         crop=crop,
         mean=_triple(mean) or (ckpt.mean if ckpt else None) or d.mean,
         std=_triple(std) or (ckpt.std if ckpt else None) or d.std,
-        interpolation=interpolation or d.interpolation,
+        interpolation=interpolation or _filter(ckpt) or d.interpolation,
         channel_order=channel_order,
         crop_rounding=d.crop_rounding,
+    )
+
+
+def _filter(ckpt: checkpoint.Checkpoint | None) -> Interpolation | None:
+    """The checkpoint's resize filter, if it names one the card can state."""
+    if ckpt is None or ckpt.interpolation is None:
+        return None
+    for name in get_args(Interpolation):
+        if ckpt.interpolation == name:
+            return name
+    raise ExportError(
+        f"checkpoint {ckpt.path} names the resize filter {ckpt.interpolation!r}; the card"
+        f" states {', '.join(get_args(Interpolation))}"
     )
 
 

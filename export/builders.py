@@ -126,10 +126,13 @@ def build(
     num_classes: int | None = None,
     code_path: Path | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
+    config_sha256: str | None = None,
 ) -> Source:
     """Build ``arch``; ``weights`` is a torchvision weights name, a timm pretrained tag, or
     None for random weights. ``state`` is the checkpoint about to be loaded, if any: a timm
-    head is sized to fit it, and a Hub folder refuses it (the folder has its weights)."""
+    head is sized to fit it, and a Hub folder refuses it (the folder has its weights) unless
+    the checkpoint was fine-tuned from that folder: ``config_sha256``, its config's hash,
+    then asks for the folder's architecture with a ``num_classes`` head and no weights."""
     kind = kind_of(arch)
     if weights is not None and kind not in ("torchvision", "timm"):
         raise ExportError(
@@ -143,6 +146,10 @@ def build(
     if kind == "folder":
         from export import hub
 
+        if config_sha256 is not None:
+            return hub.build_fine_tuned(
+                Path(arch), num_classes=num_classes, config_sha256=config_sha256
+            )
         if state is not None:
             raise ExportError(f"{arch} is a Hub folder with its own weights: drop --checkpoint")
         return hub.build(Path(arch))

@@ -3,9 +3,10 @@
 Files: a torch file, safetensors, a sharded set or a Hugging Face folder (:mod:`export.weights`),
 read without running code. Layouts: this project's training checkpoint
 (:mod:`export.train.checkpoint`, which also supplies the arch, labels, mean, std and input
-size); a plain state_dict; a dict wrapping it under ``state_dict`` (as Lightning's ``.ckpt``
-does), ``model`` or ``model_state_dict``. Keys may carry any prefix a wrapper adds:
-:func:`apply` fits them to the model's own (:mod:`export.prefixes`).
+size, and from fine-tuning the resize and filter); a plain state_dict; a dict wrapping it
+under ``state_dict`` (as Lightning's ``.ckpt`` does), ``model`` or ``model_state_dict``. Keys
+may carry any prefix a wrapper adds: :func:`apply` fits them to the model's own
+(:mod:`export.prefixes`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class Checkpoint:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     input_size: int | None = None
+    resize: int | None = None
+    interpolation: str | None = None
+    config_sha256: str | None = None
+    """For a model fine-tuned from a Hub folder: that folder's config.json hash."""
 
 
 def load(path: Path) -> Checkpoint:
@@ -92,6 +97,9 @@ def _from_training(ckpt: training.TrainingCheckpoint, file: weights.WeightFile) 
         mean=ckpt.mean,
         std=ckpt.std,
         input_size=ckpt.input_size,
+        resize=ckpt.resize,
+        interpolation=ckpt.interpolation,
+        config_sha256=ckpt.config_sha256,
     )
 
 

@@ -60,9 +60,18 @@ def library() -> str:
 
 
 def from_folder(
-    folder: Path, config: dict[str, Any], *, config_sha256: str, weights: Path
+    folder: Path,
+    config: dict[str, Any],
+    *,
+    config_sha256: str,
+    weights: Path | None,
+    num_classes: int | None = None,
 ) -> builders.Source:
-    """``ResNetForImageClassification`` from ``config.json``, the weights file loaded."""
+    """``ResNetForImageClassification`` from ``config.json``, the weights file loaded.
+
+    ``weights=None`` builds the architecture alone, with a ``num_classes``-way head when
+    given (a fine-tuned checkpoint's weights go in later; the folder's labels do not apply).
+    """
     from transformers import ResNetConfig, ResNetForImageClassification
 
     archs = config.get("architectures") or [CLASSIFIER]
@@ -72,20 +81,29 @@ def from_folder(
             f"classification head; the export needs a {CLASSIFIER} folder"
         )
     defaults = processor_defaults(folder)  # before the model: a bad file fails fast
+    if num_classes is not None:  # transformers sizes the classifier by len(id2label)
+        config = {**config, "id2label": {i: f"LABEL_{i}" for i in range(num_classes)}}
+        config.pop("label2id", None)
     try:
         resnet_config = ResNetConfig.from_dict(config)
         model = ResNetForImageClassification(resnet_config)
     except Exception as exc:  # transformers validates configs with several error types
         raise hub.cannot_build(library(), f"a {CLASSIFIER}", folder, exc) from exc
-    ckpt = hub.load_weights(model, weights, what=f"{CLASSIFIER} ({folder}/config.json)")
-    labels = id2label(dict(resnet_config.id2label or {}), folder)
-    return builders.Source(
+    source = builders.Source(
         LogitsOf(model).eval(),
         "transformers",
         f"{CLASSIFIER} ({hub.repo_name(folder)})",
-        replace(defaults, labels=labels, weights=weights.name),
+        defaults,
         library=library(),
         config_sha256=config_sha256,
+    )
+    if weights is None:
+        return source
+    ckpt = hub.load_weights(model, weights, what=f"{CLASSIFIER} ({folder}/config.json)")
+    labels = id2label(dict(resnet_config.id2label or {}), folder)
+    return replace(
+        source,
+        defaults=replace(defaults, labels=labels, weights=weights.name),
         weights_sha256=ckpt.sha256,
     )
 

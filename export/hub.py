@@ -41,6 +41,32 @@ def build(folder: Path) -> builders.Source:
     return hf_source.from_folder(folder, config, config_sha256=config_sha256, weights=weights)
 
 
+def build_fine_tuned(
+    folder: Path, *, num_classes: int | None, config_sha256: str
+) -> builders.Source:
+    """The architecture a Hub folder describes, with a ``num_classes``-way head and no
+    weights loaded: a checkpoint fine-tuned from this folder (``python -m export.finetune``)
+    supplies them. Its config must be the one the fine-tuning read (``config_sha256``)."""
+    config, found = read_config(folder)
+    if found != config_sha256:
+        raise ExportError(
+            f"the checkpoint was fine-tuned from a Hub folder whose {CONFIG} has sha256"
+            f" {config_sha256[:12]}..., but {folder}/{CONFIG} has {found[:12]}...: export it"
+            " with the folder it was fine-tuned from"
+        )
+    if kind_of(folder, config) == "timm":
+        from export import timm_source
+
+        return timm_source.from_folder(
+            folder, config, config_sha256=found, weights=None, num_classes=num_classes
+        )
+    from export import hf_source
+
+    return hf_source.from_folder(
+        folder, config, config_sha256=found, weights=None, num_classes=num_classes
+    )
+
+
 def read_config(folder: Path) -> tuple[dict[str, Any], str]:
     """``config.json`` as a dict, and its SHA-256 (the card records which config it was)."""
     path = folder / CONFIG

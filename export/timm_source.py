@@ -66,9 +66,18 @@ def build(
 
 
 def from_folder(
-    folder: Path, config: Mapping[str, Any], *, config_sha256: str, weights: Path
+    folder: Path,
+    config: Mapping[str, Any],
+    *,
+    config_sha256: str,
+    weights: Path | None,
+    num_classes: int | None = None,
 ) -> builders.Source:
-    """A timm Hub folder: ``config.json`` builds the model, the weights file fills it."""
+    """A timm Hub folder: ``config.json`` builds the model, the weights file fills it.
+
+    ``weights=None`` builds the architecture alone, with a ``num_classes``-way head when
+    given (a fine-tuned checkpoint's weights go in later; the folder's labels do not apply).
+    """
     import timm
 
     arch = config.get("architecture")
@@ -77,10 +86,15 @@ def from_folder(
     check_name(arch, context=f" (the architecture in {folder}/config.json)")
     # timm's own reading of the folder: create_model(architecture, pretrained=False,
     # num_classes=..., pretrained_cfg=..., **model_args) from config.json, no weights.
+    # An explicit num_classes takes precedence over the config's.
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     try:
-        model = timm.create_model(f"local-dir:{folder}", pretrained=False)
+        model = timm.create_model(f"local-dir:{folder}", pretrained=False, **kwargs)
     except Exception as exc:  # whatever timm raises on a config it cannot build
         raise hub.cannot_build(library(), arch, folder, exc) from exc
+    if weights is None:
+        source = _source(model, arch, weights=None, labelled=False)
+        return replace(source, config_sha256=config_sha256)
     ckpt = hub.load_weights(model, weights, what=f"{arch} ({folder}/config.json)")
     source = _source(model, arch, weights=weights.name)
     return replace(source, config_sha256=config_sha256, weights_sha256=ckpt.sha256)
@@ -137,13 +151,16 @@ def data_defaults(cfg: Mapping[str, Any]) -> builders.Defaults:
     )
 
 
-def _source(model: nn.Module, arch: str, *, weights: str | None) -> builders.Source:
-    """The Source of a built timm model: its data config, labels, and a word if it is not
-    a ResNet."""
+def _source(
+    model: nn.Module, arch: str, *, weights: str | None, labelled: bool = True
+) -> builders.Source:
+    """The Source of a built timm model: its data config, labels (unless ``labelled`` is
+    False: a new head's classes are not the config's), and a word if it is not a ResNet."""
     import timm.data
 
     config = timm.data.resolve_model_data_config(model)
-    defaults = replace(data_defaults(config), labels=_labels(model), weights=weights)
+    labels = _labels(model) if labelled else None
+    defaults = replace(data_defaults(config), labels=labels, weights=weights)
     module = type(model).__module__
     if module not in RESNET_MODULES:
         log.warning(

@@ -53,8 +53,13 @@ class ResumeState:
 
 @dataclass(frozen=True)
 class TrainingCheckpoint:
-    """A trained CIFAR ResNet with what serving it needs (labels, normalization, input size)
-    and what continuing its training needs (its epoch, history, flags and resume state)."""
+    """A trained model with what serving it needs (labels, normalization, input size) and
+    what continuing its training needs (its epoch, history, flags and resume state).
+
+    ``arch`` is the exporter's SOURCE: a CIFAR ResNet of ``python -m export.train``, or the
+    torchvision name, ``timm/<name>`` or Hub folder that ``python -m export.finetune`` started
+    from.
+    """
 
     arch: str
     classes: tuple[str, ...]
@@ -68,6 +73,14 @@ class TrainingCheckpoint:
     args: dict[str, Any]
     """The run's flags, as primitives (see :func:`primitive_args`)."""
     input_size: int = 32
+    resize: int | None = None
+    """The shorter side before the centre crop, where the run fixed one (fine-tuning: the
+    source's own eval resize); None leaves it to the exporter's default for the source."""
+    interpolation: str | None = None
+    """The resize filter of the eval transform (bilinear, bicubic, nearest), likewise."""
+    config_sha256: str | None = None
+    """The Hub folder's config.json hash, for a model fine-tuned from a folder: the export
+    rebuilds the architecture from that folder and checks that it is the same one."""
     resume: ResumeState | None = None
 
     @property
@@ -85,6 +98,7 @@ class TrainingCheckpoint:
             "mean": list(self.mean),
             "std": list(self.std),
             "input_size": self.input_size,
+            **{k: v for k, v in self._extras().items() if v is not None},
             "epoch": self.epoch,
             "val_acc": self.val_acc,
             "model": _to_cpu(self.state_dict),
@@ -97,6 +111,14 @@ class TrainingCheckpoint:
             if self.resume.scaler is not None:
                 out["scaler"] = self.resume.scaler
         return out
+
+    def _extras(self) -> dict[str, Any]:
+        """Fields written only when set, so that older layouts stay as they were."""
+        return {
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+            "config_sha256": self.config_sha256,
+        }
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any], path: Path) -> TrainingCheckpoint:
@@ -121,6 +143,9 @@ class TrainingCheckpoint:
                 history=list(obj["history"]),
                 args=dict(obj["args"]),
                 input_size=int(obj.get("input_size", 32)),
+                resize=_optional(obj, "resize", int),
+                interpolation=_optional(obj, "interpolation", str),
+                config_sha256=_optional(obj, "config_sha256", str),
                 resume=(
                     ResumeState(obj["optimizer"], obj["scheduler"], obj.get("scaler"))
                     if "optimizer" in obj and "scheduler" in obj
@@ -207,6 +232,11 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_to_cpu(v) for v in obj]
     return obj
+
+
+def _optional(obj: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = obj.get(key)
+    return None if value is None else kind(value)
 
 
 def _triple(values: Any) -> tuple[float, float, float]:
