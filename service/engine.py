@@ -13,7 +13,7 @@ import hashlib
 import logging
 import platform
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +75,25 @@ def resolve_providers(requested: Sequence[str], available: Iterable[str]) -> lis
     return chosen
 
 
+def provider_options(
+    providers: Sequence[str], *layers: Mapping[str, Mapping[str, object]]
+) -> list[dict[str, str]]:
+    """ONNX Runtime's ``provider_options``: one dict per provider in ``providers``.
+
+    Each layer maps a provider (an alias such as 'cuda' or a full name) to ONNX Runtime's
+    own option names; later layers win option by option (the service's settings, then a
+    model's config.json). Values become the strings ONNX Runtime parses (booleans as
+    '1'/'0'), passed to ONNX Runtime as they are: its documentation lists each provider's.
+    """
+    merged: dict[str, dict[str, str]] = {}
+    for layer in layers:
+        for name, options in layer.items():
+            target = merged.setdefault(PROVIDER_ALIASES.get(name, name), {})
+            for key, value in options.items():
+                target[key] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return [merged.get(name, {}) for name in providers]
+
+
 def cuda_missing(available: Iterable[str]) -> str | None:
     """Why this onnxruntime build cannot run CUDA at all, or None when it has the provider."""
     available = list(available)
@@ -119,6 +138,7 @@ class Engine:
         providers: Sequence[str] = ("auto",),
         threads: ThreadSettings | None = None,
         require_gpu: bool = False,
+        options: Sequence[Mapping[str, Mapping[str, object]]] = (),
     ) -> None:
         self.path = path
         try:
@@ -127,21 +147,26 @@ class Engine:
             raise ModelLoadError(f"cannot read {path}: {exc}") from exc
         self.sha256 = hashlib.sha256(data).hexdigest()
         threads = threads or ThreadSettings()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads.intra_op
-        options.inter_op_num_threads = threads.inter_op
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = threads.intra_op
+        session_options.inter_op_num_threads = threads.inter_op
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         spin = "1" if threads.allow_spinning else "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         # Spin between the operators of a run (a parked thread is slow to wake), never
         # between runs: idle cores are left to decoding and the event loop.
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        session_options.add_session_config_entry("session.force_spinning_stop", "1")
         available = ort.get_available_providers()
         wanted = resolve_providers(providers, available)
         try:
-            self.session = ort.InferenceSession(data, sess_options=options, providers=wanted)
+            self.session = ort.InferenceSession(
+                data,
+                sess_options=session_options,
+                providers=wanted,
+                provider_options=provider_options(wanted, *options),
+            )
             self.card = ModelCard.from_metadata_props(
                 self.session.get_modelmeta().custom_metadata_map
             )

@@ -86,6 +86,8 @@ class ServedModel:
     warmup_seconds: float | None = None
     requests: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    provider_options: dict[str, dict[str, str | int | float | bool]] = field(default_factory=dict)
+    """The model's own execution provider options (config.json), over the service's."""
     _loaded: Loaded | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -308,7 +310,9 @@ class ModelRegistry:
             instances=o.instances or s.instances,
         )
         self.models[entry.name] = {
-            version: ServedModel(entry.name, version, path, batching)
+            version: ServedModel(
+                entry.name, version, path, batching, provider_options=o.provider_options
+            )
             for version, path in entry.versions.items()
         }
         if entry.config_error is not None:
@@ -335,6 +339,7 @@ class ModelRegistry:
                 providers=s.providers,
                 threads=threads,
                 require_gpu=s.require_gpu,
+                options=(s.provider_options, served.provider_options),
             )
             served.reason = "warming up"
             self._changed()

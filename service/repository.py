@@ -41,6 +41,11 @@ class BatchingOverrides(BaseModel):
     instances: int | None = Field(
         default=None, ge=1, le=64, description="Batches that may run at once (Triton's count)."
     )
+    provider_options: dict[str, dict[str, str | int | float | bool]] = Field(
+        default_factory=dict,
+        description="Execution provider options for this model, over the service's "
+        '(the provider_options setting), e.g. {"tensorrt": {"trt_fp16_enable": true}}.',
+    )
     default: bool = Field(
         default=False, description="The model of requests that name none (one per repository)."
     )

@@ -8,6 +8,7 @@ setting, the environment variable and the value.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,6 +25,9 @@ PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 
+
+ProviderOptions = dict[str, dict[str, str | int | float | bool]]
+"""Execution provider options by provider ('cuda', 'tensorrt' or a full provider name)."""
 
 SECRETS = frozenset({"api_keys"})
 """Settings whose values are never printed, not even in a validation error."""
@@ -63,6 +67,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Shared memory per front-end process for images on their way to the "
         "engine and their outputs (workers > 1); a request that finds it full gets 503.",
+    )
+    provider_options: Annotated[ProviderOptions, NoDecode] = Field(
+        default_factory=dict,
+        description="ONNX Runtime execution provider options as JSON, by provider, e.g. "
+        '\'{"cuda": {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"}, "tensorrt": '
+        '{"trt_fp16_enable": true, "trt_engine_cache_enable": true}}\' (ONNX Runtime\'s own '
+        "option names; a model's config.json may add its own).",
     )
     max_batch_size: int = Field(
         default=32, ge=1, le=1024, description="Largest batch per engine run."
@@ -174,6 +185,27 @@ class Settings(BaseSettings):
         description="Log lines as text, or as one JSON object per line (with the request ID).",
     )
 
+    @field_validator("provider_options", mode="before")
+    @classmethod
+    def _parse_json(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from exc
+        return value
+
+    @field_validator("provider_options")
+    @classmethod
+    def _known_providers(cls, value: ProviderOptions) -> ProviderOptions:
+        for name in value:
+            if name not in PROVIDER_ALIASES and not name.endswith("ExecutionProvider"):
+                raise ValueError(
+                    f"unknown provider {name!r}; use {', '.join(repr(a) for a in PROVIDER_ALIASES)}"
+                    " or an ONNX Runtime provider name"
+                )
+        return value
+
     @field_validator("providers", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -254,6 +286,8 @@ def available_cpus() -> int:
 def _show(value: object) -> str:
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value) if value else ""
     return str(value)
 
 

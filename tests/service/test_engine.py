@@ -19,6 +19,7 @@ from service.engine import (
     Engine,
     ModelLoadError,
     ThreadSettings,
+    provider_options,
     resolve_providers,
     softmax,
     warmup_sizes,
@@ -148,3 +149,18 @@ def test_model_missing_embedding_output(tmp_path: Path, engine: Engine) -> None:
     _tiny_model(tmp_path / "m.onnx", input_name="input", card=engine.card.to_metadata_props())
     with pytest.raises(ModelLoadError, match="output 'embedding' missing"):
         Engine(tmp_path / "m.onnx")
+
+
+def test_provider_options_follow_the_providers_and_later_layers_win() -> None:
+    service = {"cuda": {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"}}
+    model = {
+        "CUDAExecutionProvider": {"device_id": 0},
+        "tensorrt": {"trt_fp16_enable": True, "trt_engine_cache_path": "/cache"},
+    }
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_options(providers, service, model) == [
+        {"trt_fp16_enable": "1", "trt_engine_cache_path": "/cache"},
+        {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC"},  # the model's device wins
+        {},
+    ]
+    assert provider_options(["CPUExecutionProvider"]) == [{}]
