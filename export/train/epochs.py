@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from export.errors import ExportError
 from export.train import checkpoint, reports
 from export.train.checkpoint import ResumeState, TrainingCheckpoint
 
@@ -118,27 +119,30 @@ def run(session: Session, history: list[dict[str, Any]], start_epoch: int) -> di
 
 
 def resume(
-    session: Session, *, arch: str, classes: tuple[str, ...]
+    session: Session, *, arch: str, classes: tuple[str, ...], into: nn.Module | None = None
 ) -> tuple[list[dict[str, Any]], int]:
     """Load ``out/last.pt`` into the session: (history so far, first epoch to run).
 
-    Raises FileNotFoundError without one, ValueError for another model or other classes,
-    or a checkpoint without the optimizer's state (a ``best.pt`` copied in its place).
+    ``into`` is the module whose state_dict the checkpoint holds, when it is not the
+    session's model itself (a library module inside a wrapper).
+
+    Raises :class:`ExportError` without one, for another model or other classes, or for a
+    checkpoint without the optimizer's state (a ``best.pt`` copied in its place).
     """
     last_path = session.out / "last.pt"
     if not last_path.exists():
-        raise FileNotFoundError(f"--resume: {last_path} does not exist")
+        raise ExportError(f"--resume: {last_path} does not exist")
     last = checkpoint.load(last_path)
     if last.arch != arch:
-        raise ValueError(f"--resume: {last_path} is a {last.arch}, not {arch}")
+        raise ExportError(f"--resume: {last_path} is a {last.arch}, not {arch}")
     if last.classes != classes:
-        raise ValueError(
+        raise ExportError(
             f"--resume: {last_path} classifies {list(last.classes)}, but the data's classes"
             f" are {list(classes)}"
         )
     if last.resume is None:
-        raise ValueError(f"--resume: {last_path} holds no optimizer state to resume")
-    session.model.load_state_dict(last.state_dict)
+        raise ExportError(f"--resume: {last_path} holds no optimizer state to resume")
+    (into or session.model).load_state_dict(last.state_dict)
     session.opt.load_state_dict(last.resume.optimizer)
     session.sched.load_state_dict(last.resume.scheduler)
     if last.resume.scaler is not None:
