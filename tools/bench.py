@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.repository import scan
 from service.settings import Settings, load_settings
+from tools import scaling
 from tools.inprocess import InProcess, large_jpeg_ms, load_images, percentiles_ms
 from tools.loadgen import LoadResult, build_requests, run_load
 
@@ -66,10 +68,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rounds of (ceiling at the best batch size, HTTP load); the median ratio is"
         " reported (default: %(default)s)",
     )
+    p.add_argument(
+        "--workers",
+        type=_counts,
+        default=None,
+        metavar="N,M",
+        help="serve with each --workers count and compare them (tools.scaling)",
+    )
+    p.add_argument(
+        "--null", action="store_true", help="with --workers: the near-zero-compute model"
+    )
+    p.add_argument("--null-size", type=int, default=224, help="the null model's input side")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="with --workers: a flag for the servers (repeat; e.g. --server-arg=--instances=2)",
+    )
     args = p.parse_args(argv)
+    if args.null and args.workers is None:
+        p.error("--null measures worker counts: add --workers, e.g. --workers 1,2")
     if args.repeat < 1:
         p.error(f"--repeat must be at least 1, got {args.repeat}")
     return args
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected worker counts like 1,2, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"worker counts are positive, got {text!r}")
+    return counts
 
 
 def free_port() -> int:
@@ -78,10 +110,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(models: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(models: Path, flags: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [sys.executable, "-m", "service", "--models", str(models), "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--log-level", "warning"]
+    command += ["--port", str(port), "--log-level", "warning", *flags]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -125,6 +157,8 @@ def report(name: str, result: LoadResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(**({"models_dir": args.models} if args.models else {}))
+    if args.workers is not None:
+        return scaling.run(args, settings)
     entries = scan(settings.models_dir)
     name: str = args.model or next(iter(entries), "(any)")
     names = [name] if args.compare is None else [name, args.compare]
