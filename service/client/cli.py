@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the output cannot be written: disk full, permissions
         _say(f"error: {exc}")
         return EXIT_FAILED
+    except KeyboardInterrupt:  # before or after the run, which handles its own
+        _say("interrupted")
+        return EXIT_INTERRUPTED
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -198,6 +198,19 @@ class Embeddings:
         return [self.out, self.index, self.errors, self.journal, self.rows_file]
 
     def _resume(self) -> None:
+        try:
+            self._read_journal()
+        except (ValueError, KeyError, TypeError):
+            raise Fatal(f"{self.journal} is damaged; pass --overwrite", EXIT_USAGE) from None
+        size = len(self.row_paths) * (self.model["dim"] if self.model else 0) * 4
+        if self.rows_file.exists() and self.rows_file.stat().st_size < size:
+            raise Fatal(
+                f"{self.rows_file} is shorter than its journal; pass --overwrite", EXIT_USAGE
+            )
+        if self.rows_file.exists():
+            os.truncate(self.rows_file, size)
+
+    def _read_journal(self) -> None:
         lines = _complete_lines(self.journal)
         header = json.loads(lines[0]) if lines else {"arguments": self.identity}
         if header.get("arguments") != self.identity:
@@ -216,13 +229,6 @@ class Embeddings:
             else:
                 self.rejected.append(record)
             self.done.add(record["path"])
-        size = len(self.row_paths) * (self.model["dim"] if self.model else 0) * 4
-        if self.rows_file.exists() and self.rows_file.stat().st_size < size:
-            raise Fatal(
-                f"{self.rows_file} is shorter than its journal; pass --overwrite", EXIT_USAGE
-            )
-        if self.rows_file.exists():
-            os.truncate(self.rows_file, size)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self._journal is None:

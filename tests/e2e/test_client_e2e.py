@@ -354,3 +354,29 @@ def test_an_unknown_model_shows_the_servers_404_and_exits_2(
         "served models: cifar10-resnet20 (404 model_not_found)"
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_usage_examples_of_docs_client_md_run_as_written(fast: Server, tmp_path: Path) -> None:
+    """The ``## Usage`` commands and the ``.npy`` reading snippet, from a stand-in root."""
+    text = (REPO / "docs/client.md").read_text()
+    usage = re.search(r"^## Usage\n.*?^```bash\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    reading = re.search(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    assert usage and reading
+    (tmp_path / "tests").symlink_to(REPO / "tests")
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+    script = usage.group(1).replace("http://localhost:8000", fast.url)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["path"] for line in lines(tmp_path / "preds.jsonl")] == IMAGES
+    assert len(lines(tmp_path / "preds.csv")) == 51
+    assert np.load(tmp_path / "feats.npy").shape == (50, 64)
+    snippet = subprocess.run(
+        [sys.executable, "-c", reading.group(1)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert snippet.returncode == 0, snippet.stderr

@@ -174,3 +174,11 @@ def test_argument_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["predict", ".", "--out", "p.jsonl", "--url", "localhost:8000"])
     assert exit_.value.code == EXIT_USAGE
     assert "'localhost:8000' is not an http:// or https:// URL" in capsys.readouterr().err
+
+
+def test_a_damaged_journal_is_refused_in_one_line(tmp_path: Path) -> None:
+    journal = tmp_path / "feats.npy.partial" / "journal.jsonl"
+    journal.parent.mkdir()
+    journal.write_text('{"arguments": {}}\n{"path": "a.jpg", "row": \n')  # not a torn tail
+    with pytest.raises(Fatal, match="is damaged; pass --overwrite"):
+        Embeddings(tmp_path / "feats.npy", {}, overwrite=False)
