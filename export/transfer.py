@@ -244,18 +244,23 @@ def _verify(
     embedding of them and scikit-learn's logits on it, at batch 1 and ``batch_size``."""
     entries = embedded.indices[checked].tolist()
     read = dict(embeddings.rows(folder, pre, entries))
-    if any(read.get(i) is None for i in entries):
+    rows = [row for i in entries if (row := read.get(i)) is not None]
+    if len(rows) != len(entries):
         raise ExportError(f"--data {folder.source} changed while it was read")
-    x = np.stack([read[i] for i in entries])  # type: ignore[misc]
+    x = np.stack(rows)
     want_embedding = embedded.embeddings[checked]
     want_logits = head.logits(want_embedding)
     new = onnx_verify.session(graph, "the graph with its new head")
     results = []
     for b, n in sorted({(1, min(8, len(x))), (min(batch_size, len(x)), len(x))}):
-        parts = [
-            new.run([LOGITS_NAME, EMBEDDING_NAME], {INPUT_NAME: x[s : s + b]})
-            for s in range(0, n, b)
-        ]
+        try:
+            parts = [
+                new.run([LOGITS_NAME, EMBEDDING_NAME], {INPUT_NAME: x[s : s + b]})
+                for s in range(0, n, b)
+            ]
+        except Exception as exc:  # ORT's own exception types
+            why = onnx_verify.first_line(exc)
+            raise ExportError(f"the graph with its new head fails at batch {b}: {why}") from exc
         logits = np.concatenate([p[0] for p in parts])
         embedding = np.concatenate([p[1] for p in parts])
         (abs_l, rel_l), (abs_e, rel_e) = (
@@ -270,10 +275,8 @@ def _verify(
 
 def _source_ref(path: Path) -> str:
     """``name/version/model.onnx`` for a file in a model repository, else the file's name."""
-    version = path.parent
-    return (
-        f"{version.parent.name}/{version.name}/{path.name}" if version.name.isdigit() else path.name
-    )
+    model, version = path.parent.parent.name, path.parent.name
+    return f"{model}/{version}/{path.name}" if version.isdigit() else path.name
 
 
 if __name__ == "__main__":
