@@ -18,7 +18,7 @@ the held-out images to the training but leave what is served unmeasured.
 Before anything is written, the new graph runs with ONNX Runtime on validation images at
 batch sizes 1 and ``--batch-size``: its ``logits`` must equal scikit-learn's
 ``decision_function`` on SOURCE's embedding, and its ``embedding`` SOURCE's, within
-:data:`export.agreement.TOLERANCE` (relative, float32). SOURCE may be fp32, or an int8 or
+1e-4 relative (:data:`export.agreement.TOLERANCE`, float32). SOURCE may be fp32, or an int8 or
 fp16 variant: the backbone stays as it is, the head is float32.
 """
 
@@ -70,7 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of each class held out to choose C and measure accuracy (default: 0.2)",
     )
     p.add_argument("--seed", type=int, default=0, help="of the validation split (default: 0)")
-    p.add_argument("--batch-size", type=int, default=embeddings.BATCH_SIZE, help="(default: 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=embeddings.BATCH_SIZE,
+        help="images per ONNX Runtime run (default: 64)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
