@@ -66,3 +66,19 @@ def test_bench_compares_a_model_with_its_int8_variant(tmp_path: Path) -> None:
     for what in ("in-process", "HTTP"):
         found = re.search(rf"^int8 / fp32 {what}: ([\d.]+)x \(median of 2 rounds", out, re.M)
         assert found and float(found.group(1)) > 0, out
+
+
+def test_bench_serves_the_null_model_with_each_worker_count() -> None:
+    command = [sys.executable, "-m", "tools.bench", "--workers", "1,2", "--null"]
+    command += ["--null-size", "32", "--images", str(FIXTURES), "--count", "16"]
+    command += ["--concurrency", "4", "--duration", "0.5", "--warmup", "0.1"]
+    command += ["--lone-seconds", "0.3", "--inprocess-seconds", "0.05", "--repeat", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert re.search(r"^model null \(.*null/1/model.onnx\)", out, re.M), out
+    for workers in (1, 2):  # interleaved: each server once per round, no errors
+        found = re.findall(rf"^round \d workers {workers}: +[\d.]+ img/s .* errors 0 ", out, re.M)
+        assert len(found) == 2, out
+    summary = re.search(r"^workers 2: +([\d.]+) img/s .* x workers 1: ([\d.]+) \(", out, re.M)
+    assert summary and float(summary.group(1)) > 0 and float(summary.group(2)) > 0, out
