@@ -11,11 +11,17 @@ from service.postprocess import top_predictions
 from service.routes.deps import IMAGES_BODY, DirectRoute, QueryParams, context_of, json_response
 from service.schemas import ERROR_RESPONSES, PredictResponse
 
+DEFAULT_TOP_K = 5
 router = APIRouter(tags=["inference"], route_class=DirectRoute)
 
 
 class PredictParams(QueryParams):
-    top_k: int = Field(5, ge=1, description="Classes per image, best first.")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description="Classes per image, best first (default: 5, or every class of a model "
+        "with fewer).",
+    )
 
 
 @router.post(
@@ -28,10 +34,10 @@ class PredictParams(QueryParams):
 async def predict(request: Request) -> Response:
     """The ``top_k`` most probable classes of each image, in request order."""
     params, context = PredictParams.parse(request), context_of(request)
-    top_k = params.top_k
     served = context.registry.resolve(params.model, params.version)
     request.state.model = served.name
     labels = served.require_loaded().engine.card.labels
+    top_k = params.top_k or min(DEFAULT_TOP_K, len(labels))
     if top_k > len(labels):
         raise InvalidParameter(
             f"top_k must be between 1 and {len(labels)} (the classes of model "

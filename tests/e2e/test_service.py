@@ -88,6 +88,7 @@ def test_models_describe_what_is_served(server: Server, cifar_model_file: Path) 
         "max_batch_size": 4,
         "max_delay_ms": 5000.0,
         "max_queue_size": 16,
+        "instances": 1,
     }
     version = one["versions"][0]
     assert (version["version"], version["state"], version["provider"]) == (
