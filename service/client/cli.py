@@ -41,7 +41,11 @@ key), 3 server unreachable or lost, 130 interrupted."""
 
 
 def _url(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
+    try:
+        valid = value.startswith(("http://", "https://")) and bool(httpx.URL(value).host)
+    except httpx.InvalidURL:
+        valid = False
+    if not valid:
         raise argparse.ArgumentTypeError(f"{value!r} is not an http:// or https:// URL")
     return value
 
@@ -50,6 +54,20 @@ def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
     return number
 
 
@@ -74,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=_positive, default=8, help="images per request")
     common.add_argument(
         "--retries",
-        type=int,
+        type=_count,
         default=5,
         help="retries of a request on 503/504 (after Retry-After) or a lost connection",
     )
-    common.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    common.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per request")
     common.add_argument(
         "--limit", type=_positive, help="send at most this many images now (rerun for more)"
     )

@@ -169,11 +169,23 @@ def test_bad_input_is_one_line_and_exit_2(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "images"]
 
 
-def test_argument_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--url", "localhost:8000"], "'localhost:8000' is not an http:// or https:// URL"),
+        (["--url", "http://[::1"], "'http://[::1' is not an http:// or https:// URL"),
+        (["--retries", "-1"], "must be 0 or more, got -1"),
+        (["--timeout", "0"], "must be more than 0, got 0"),
+        (["--concurrency", "0"], "must be 1 or more, got 0"),
+    ],
+)
+def test_argument_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main(["predict", ".", "--out", "p.jsonl", "--url", "localhost:8000"])
+        main(["predict", ".", "--out", "p.jsonl", *flags])
     assert exit_.value.code == EXIT_USAGE
-    assert "'localhost:8000' is not an http:// or https:// URL" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_a_damaged_journal_is_refused_in_one_line(tmp_path: Path) -> None:
