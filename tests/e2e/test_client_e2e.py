@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import select
 import shutil
@@ -33,14 +34,30 @@ SHIPPED = REPO / "models/cifar10-resnet20/1/model.onnx"
 IMAGES = sorted(p.relative_to(FIXTURES).as_posix() for p in FIXTURES.rglob("*.jpg"))
 
 
-def run_client(*args: object) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "service.client", *map(str, args), "--no-progress"]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+def client_command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "service.client", *map(str, args), "--no-progress"]
+
+
+def client_env(**variables: str) -> dict[str, str]:
+    """This process's environment without the client's own variables, plus ``variables``."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_CLIENT_")}
+    return inherited | variables
+
+
+def run_client(*args: object, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        client_command(*args),
+        cwd=REPO,
+        env=client_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def start_client(*args: object) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "service.client", *map(str, args), "--no-progress"]
-    return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    command = client_command(*args)
+    return subprocess.Popen(command, cwd=REPO, env=client_env(), stderr=subprocess.PIPE, text=True)
 
 
 def summary(stderr: str) -> dict[str, int]:
@@ -136,7 +153,7 @@ def test_predict_csv_through_the_console_script(
     script = Path(sys.executable).parent / "resnet-client"
     command = [str(script), "predict", str(folder), "--url", fast.url, "--out", str(out)]
     command += ["--top-k", "3", "--batch-size", "4", "--concurrency", "3", "--no-progress"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, env=client_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     with out.open(newline="") as file:
         rows = list(csv.DictReader(file))
@@ -368,6 +385,7 @@ def test_the_usage_examples_of_docs_client_md_run_as_written(fast: Server, tmp_p
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=tmp_path,
+        env=client_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -380,3 +398,28 @@ def test_the_usage_examples_of_docs_client_md_run_as_written(fast: Server, tmp_p
         [sys.executable, "-c", reading.group(1)], cwd=tmp_path, capture_output=True, text=True
     )
     assert snippet.returncode == 0, snippet.stderr
+
+
+def test_api_keys_from_the_flag_or_the_environment(
+    launch: Callable[..., Server], tmp_path: Path, folder: Path
+) -> None:
+    server = launch(repo_of(tmp_path / "repo"), "--api-keys", "change-me")
+    out = tmp_path / "preds.jsonl"
+    refused = run_client("predict", folder, "--url", server.url, "--out", out)
+    assert refused.returncode == 2
+    [line] = refused.stderr.splitlines()
+    assert line.startswith("resnet-client: error: the server refused the request: ")
+    assert line.endswith("(401 unauthorized); pass --api-key or set RESNET_CLIENT_API_KEY")
+    assert not out.exists()
+
+    key = ["--api-key", "change-me"]
+    with_flag = run_client(
+        "predict", folder, "--url", server.url, "--out", out, "--limit", 10, *key
+    )
+    assert with_flag.returncode == 0, with_flag.stderr
+    from_env = run_client(
+        "predict", folder, "--url", server.url, "--out", out, RESNET_CLIENT_API_KEY="change-me"
+    )
+    assert from_env.returncode == 0, from_env.stderr
+    assert summary(from_env.stderr)["already"] == 10
+    assert len(lines(out)) == 50
