@@ -22,7 +22,7 @@ class Tally:
     unfinished: int = 0
     """The server kept failing (not recorded: a rerun sends them again)."""
     retried: int = 0
-    """Requests sent again after a 503, 504 or lost connection."""
+    """Requests sent again after a 429 or 5xx answer or a lost connection."""
     last_failure: str = ""
     """What the server last answered an unfinished image with."""
 
@@ -42,7 +42,7 @@ async def send_all(
 
     Answers are recorded in the order of ``paths`` whatever order they arrive in (a batch
     waits for those before it), so that the output of a run is deterministic and what is
-    recorded is always a prefix of the work, plus what a rerun adds. ``tally`` counts as
+    recorded is always a prefix of the work (less images left for a rerun). ``tally`` counts as
     records are made, so it is right however the run ends. Raises :class:`Fatal` from any
     worker after the others are cancelled.
     """
