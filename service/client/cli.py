@@ -112,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", parents=[common], help="top-k classes of each image to .jsonl or .csv"
     )
     predict.add_argument("--out", type=Path, required=True, help="preds.jsonl or preds.csv")
-    predict.add_argument("--top-k", type=_positive, default=5, help="classes per image")
+    predict.add_argument(
+        "--top-k",
+        type=_positive,
+        help="classes per image (default: the server's, 5 or every class of a smaller model)",
+    )
     embed = commands.add_parser(
         "embed", parents=[common], help="embeddings to .npy, float32 [N, D], plus .paths.txt"
     )
@@ -149,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
         raise Fatal(f"{args.dir} is not a folder", EXIT_USAGE)
     identity = {"dir": str(args.dir.resolve()), "model": args.model}
     identity |= {"version": args.model_version, "normalize": getattr(args, "normalize", False)}
-    top_k = getattr(args, "top_k", 0)
+    top_k = getattr(args, "top_k", None)
     output = open_output(args.out, top_k=top_k, identity=identity, overwrite=args.overwrite)
     folder = scan(args.dir, ignore=output.files())
     if not folder.images:

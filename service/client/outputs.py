@@ -44,7 +44,9 @@ class Output(Protocol):
         ...
 
 
-def open_output(out: Path, *, top_k: int, identity: dict[str, Any], overwrite: bool) -> Output:
+def open_output(
+    out: Path, *, top_k: int | None, identity: dict[str, Any], overwrite: bool
+) -> Output:
     """The writer for ``out``'s extension, resuming what an earlier run left there."""
     if out.suffix == ".npy":
         return Embeddings(out, identity, overwrite=overwrite)
@@ -101,7 +103,7 @@ class _Appended:
 class JsonLines(_Appended):
     """One JSON object per image: ``path``, ``model``, ``version``, ``predictions`` or ``error``."""
 
-    def __init__(self, path: Path, top_k: int, *, overwrite: bool) -> None:
+    def __init__(self, path: Path, top_k: int | None, *, overwrite: bool) -> None:
         super().__init__(path, overwrite=overwrite)
         if not path.exists():
             return
@@ -111,9 +113,8 @@ class JsonLines(_Appended):
                 self.done.add(record["path"])
             except (ValueError, KeyError, TypeError):
                 raise self._mismatch(f"line {number} is not a resnet-client record") from None
-            predictions = record.get("predictions")
-            if predictions is not None and len(predictions) != top_k:
-                found = len(predictions)
+            found = len(record.get("predictions") or [])
+            if top_k is not None and found not in (0, top_k):
                 raise self._mismatch(f"holds top-{found} predictions, not top-{top_k}")
 
     def write(self, path: str, answer: Result) -> None:
@@ -126,38 +127,69 @@ class JsonLines(_Appended):
         self.done.add(path)
 
 
-class CsvRows(_Appended):
-    """One row per image: path, model, version, label/index/score per rank, error."""
+def _columns(ranks: int) -> list[str]:
+    per_rank = [f"{c}_{r}" for r in range(1, ranks + 1) for c in ("label", "index", "score")]
+    return ["path", "model", "version", *per_rank, "error"]
 
-    def __init__(self, path: Path, top_k: int, *, overwrite: bool) -> None:
+
+class CsvRows(_Appended):
+    """One row per image: path, model, version, label/index/score per rank, error.
+
+    The number of ranks is ``--top-k``, else that of the file being resumed, else that of
+    the server's first prediction (its default: 5, or every class of a smaller model).
+    Until that first prediction, rows of rejected images wait in memory: a run that gets
+    none at all records none of them, and the next run sends them again.
+    """
+
+    def __init__(self, path: Path, top_k: int | None, *, overwrite: bool) -> None:
         super().__init__(path, overwrite=overwrite)
-        ranks = [
-            f"{column}_{rank}"
-            for rank in range(1, top_k + 1)
-            for column in ("label", "index", "score")
-        ]
-        self.columns = ["path", "model", "version", *ranks, "error"]
         rows = list(csv.reader(_complete_lines(path))) if path.exists() else []
-        if rows and rows[0] != self.columns:
-            raise self._mismatch(f"has the columns {','.join(rows[0])}, not top-{top_k}'s")
+        self.ranks = top_k
+        if rows:
+            found = (len(rows[0]) - 4) // 3
+            if rows[0] != _columns(found) or top_k not in (None, found):
+                wanted = f"top-{top_k}'s" if top_k else "resnet-client's"
+                raise self._mismatch(f"has the columns {','.join(rows[0])}, not {wanted}")
+            self.ranks = found
         self.done.update(row[0] for row in rows[1:] if row)
-        self._header = [] if rows else [self.columns]
+        self._header = not rows
+        self._waiting: list[tuple[str, Rejected]] = []
 
     def write(self, path: str, answer: Result) -> None:
-        row: list[object] = [path]
-        if isinstance(answer, Rejected):
-            error = f"{answer.status} {answer.code}: {answer.message}"
-            row += [""] * (len(self.columns) - 2) + [error]
-        else:
-            row += [answer["model"], answer["version"]]
-            for p in answer["predictions"]:
-                row += [p["label"], p["index"], p["score"]]
-            row.append("")
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerows([*self._header, row])
-        self._header = []
-        self._append(text.getvalue())
         self.done.add(path)
+        if isinstance(answer, Rejected):
+            if self.ranks is None:
+                self._waiting.append((path, answer))
+                return
+            rows = [self._rejected(path, answer)]
+        else:
+            predictions = answer["predictions"]
+            if self.ranks is None:
+                self.ranks = len(predictions)
+            elif len(predictions) != self.ranks:
+                raise self._mismatch(
+                    f"has top-{self.ranks} columns, the server answered top-{len(predictions)}"
+                )
+            rows = [self._rejected(*waiting) for waiting in self._waiting]
+            self._waiting = []
+            row: list[object] = [path, answer["model"], answer["version"]]
+            for p in predictions:
+                row += [p["label"], p["index"], p["score"]]
+            rows.append([*row, ""])
+        if self._header:
+            rows.insert(0, [*_columns(self.ranks)])
+            self._header = False
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        self._append(text.getvalue())
+
+    def _rejected(self, path: str, answer: Rejected) -> list[object]:
+        blanks = [""] * (2 + 3 * (self.ranks or 0))
+        return [path, *blanks, f"{answer.status} {answer.code}: {answer.message}"]
+
+    def close(self, *, complete: bool) -> str:
+        self.done.difference_update(path for path, _ in self._waiting)
+        return super().close(complete=complete)
 
 
 class Embeddings:

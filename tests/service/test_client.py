@@ -81,6 +81,7 @@ def test_predictions_resume_from_whole_lines_and_cut_a_torn_one(tmp_path: Path) 
     with pytest.raises(Fatal, match="holds top-2 predictions, not top-5") as error:
         JsonLines(out, 5, overwrite=False)
     assert error.value.exit_code == EXIT_USAGE
+    assert len(JsonLines(out, None, overwrite=False).done) == 3  # no --top-k: any
     assert JsonLines(out, 5, overwrite=True).done == set()
     assert not out.exists()
 
@@ -97,8 +98,29 @@ def test_csv_resumes_its_own_columns_only(tmp_path: Path) -> None:
         "b.jpg,,,,,,,,,415 unsupported_image: not an image",
     ]
     assert CsvRows(out, 2, overwrite=False).done == {"a.jpg", "b.jpg"}
+    assert CsvRows(out, None, overwrite=False).ranks == 2  # no --top-k: the file's
     with pytest.raises(Fatal, match="not top-3's"):
         CsvRows(out, 3, overwrite=False)
+
+
+def test_csv_without_top_k_takes_its_columns_from_the_first_prediction(tmp_path: Path) -> None:
+    out = tmp_path / "preds.csv"
+    rows = CsvRows(out, None, overwrite=False)
+    rows.write("a.jpg", Rejected(415, "unsupported_image", "not an image"))
+    assert not out.exists()  # how many columns its blanks need is not known yet
+    rows.write("b.jpg", prediction("cat"))
+    with pytest.raises(Fatal, match="has top-2 columns, the server answered top-1"):
+        rows.write("c.jpg", {**prediction("cat"), "predictions": [{"index": 1}]})
+    rows.close(complete=True)
+    assert out.read_text().splitlines() == [
+        "path,model,version,label_1,index_1,score_1,label_2,index_2,score_2,error",
+        "a.jpg,,,,,,,,,415 unsupported_image: not an image",
+        "b.jpg,m,1,cat,3,0.75,x,0,0.25,",
+    ]
+    waiting = CsvRows(tmp_path / "rejected.csv", None, overwrite=False)
+    waiting.write("a.jpg", Rejected(415, "unsupported_image", "not an image"))
+    assert waiting.close(complete=True).endswith("holds 0 images")  # sent again next time
+    assert not (tmp_path / "rejected.csv").exists()
 
 
 def embedding(values: list[float]) -> dict[str, object]:
