@@ -143,7 +143,9 @@ class EngineClient:
                 f"this front end's shared memory is full ({self.arena.used} of "
                 f"{self.arena.size} bytes in use); retry shortly"
             )
-        layout.inputs(self.arena.buffer, offset, len(rows))[:] = np.stack(rows)
+        region = layout.inputs(self.arena.buffer, offset, len(rows))
+        for i, row in enumerate(rows):
+            region[i] = row
         ident = next(self._ids)
         future: asyncio.Future[list[Outputs]] = asyncio.get_running_loop().create_future()
         self._requests[ident] = _Request(future, offset, length, layout, len(rows))

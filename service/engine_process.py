@@ -253,8 +253,11 @@ class EngineServer:
             loaded = served.require_loaded()
             layout = layout_of(served)
             offset, count = message["offset"], message["count"]
-            # Copied out now: the region is the front end's again once it is answered.
-            rows = layout.inputs(conn.buffer, offset, count).copy()
+            # Views: the batch copies them when it runs. The region is the front end's again
+            # only once this request is answered, after every row's batch has run; a row
+            # cancelled while its batch starts may be overwritten, which only spoils the
+            # outputs nobody waits for.
+            rows = layout.inputs(conn.buffer, offset, count)
             remaining = message.get("timeout")
             deadline = None
             if remaining is not None:

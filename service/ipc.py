@@ -7,8 +7,8 @@ Two channels per front end, both set up when it connects:
 * **Tensors** in shared memory: each front end owns an :class:`Arena`, an anonymous
   ``memfd`` whose descriptor travels once over the socket (``SCM_RIGHTS``), so both
   processes map the same pages. A request's preprocessed rows are written into a region
-  of it; the engine copies them out when it queues them and writes the outputs back into
-  the same region. Nothing is pickled and no tensor crosses the socket.
+  of it; the engine batches them from there and, once they have all run, writes the
+  outputs back into the same region. Nothing is pickled and no tensor crosses the socket.
 
 The region belongs to the front end again only when the engine has answered the request
 (done, error or cancelled): the engine answers each request exactly once.
@@ -82,8 +82,8 @@ def receive_hello(sock: socket.socket) -> tuple[Message, int]:
 class RowLayout:
     """Bytes of one row in a region: its input, then (after the engine) its outputs.
 
-    Outputs are written over the inputs, which the engine copied out when it queued
-    them, so a region is ``count * row_bytes`` long.
+    Outputs are written over the inputs once every row of the request has run, so a
+    region is ``count * row_bytes`` long.
     """
 
     input_shape: tuple[int, int, int]
