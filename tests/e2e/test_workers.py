@@ -32,7 +32,8 @@ LABELS = {"model": BATCHED, "version": "1"}
 
 @pytest.fixture(scope="module")
 def server(launch: Callable[..., Server], model_repo: Path) -> Server:
-    return launch(model_repo, "--default-model", "cifar10-resnet20", "--workers", "2")
+    flags = ["--default-model", "cifar10-resnet20", "--workers", "2"]
+    return launch(model_repo, *flags, "--model-control", "explicit")
 
 
 def started(server: Server, role: str) -> list[int]:
@@ -95,6 +96,11 @@ def connections(server: Server, per_front_end: int) -> dict[int, list[socket.soc
 
 def get_status(sock: socket.socket, path: str) -> int | None:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    return status_of(sock)
+
+
+def request(sock: socket.socket, method: str, path: str) -> int | None:
+    sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n".encode())
     return status_of(sock)
 
 
@@ -204,4 +210,16 @@ def test_the_engine_killed_fails_what_it_held_with_503_and_recovers(
         assert status_of(sock) == 200
         sock.close()
     for sock in socks:
+        sock.close()
+
+
+def test_a_model_unloaded_through_one_front_end_is_gone_from_every_one(server: Server) -> None:
+    (a,), (b,) = connections(server, per_front_end=1).values()
+    assert request(a, "POST", f"/v2/repository/models/{BATCHED}/unload") == 200
+    assert request(b, "GET", f"/models/{BATCHED}") == 404  # the other front end knows
+    assert request(b, "GET", f"/v2/models/{BATCHED}/ready") == 404
+    assert request(b, "POST", f"/v2/repository/models/{BATCHED}/load") == 200
+    assert request(a, "GET", f"/v2/models/{BATCHED}/ready") == 200  # and back, both ways
+    assert request(b, "GET", f"/v2/models/{BATCHED}/ready") == 200
+    for sock in (a, b):
         sock.close()
