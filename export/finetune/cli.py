@@ -17,6 +17,7 @@ from export.train.cli import AMP_DTYPES, resolve_device
 
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
+MAX_WORKERS = 8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hw.add_argument(
         "--workers",
         type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="processes decoding images (0: the training process; default: %(default)s)",
+        help="processes decoding images, 0 for the training process (default: on a GPU one per"
+        f" core, at most {MAX_WORKERS}; on the CPU 0, as the training step needs every core)",
     )
     hw.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -115,14 +116,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | None]:
-    """Check the flags that need no data: (device, autocast dtype); raises ExportError."""
+    """Check the flags that need no data and settle the defaults that depend on the device:
+    (device, autocast dtype). Raises ExportError."""
     checks = (
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (args.backbone_lr_scale >= 0, "--backbone-lr-scale must be >= 0"),
-        (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.workers is None or args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
         (args.weights is None or args.init is None, "give --weights or --init, not both"),
         (not args.new_head or args.init is not None, "--new-head applies to --init only"),
     )
@@ -135,6 +137,8 @@ def prepare(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | None]
         device = resolve_device(args.device)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
+    if args.workers is None:
+        args.workers = min(MAX_WORKERS, os.cpu_count() or 1) if device.type == "cuda" else 0
     if args.amp == "auto":
         if device.type != "cuda":
             return device, None

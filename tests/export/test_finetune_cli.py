@@ -1,5 +1,5 @@
-"""Bad input to ``python -m export.finetune``: one ``error:`` line on stderr, exit status 2,
-no traceback, and no run directory where nothing ran."""
+"""``python -m export.finetune``'s flags and their defaults; bad input: one ``error:`` line
+on stderr, exit status 2, no traceback, and no run directory where nothing ran."""
 
 from __future__ import annotations
 
@@ -16,6 +16,26 @@ from finetune_testlib import CLASSES, FIXTURES, finetune, image_folder
 from export.finetune import cli
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def test_help_runs_as_a_module_and_defaults_follow_the_optimizer_and_device() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "export.finetune", "--help"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m export.finetune [-h] [--weights WEIGHTS]")
+    assert "Fine-tune a ResNet on your own images" in done.stdout
+    for flag in ("--backbone-lr-scale", "--freeze-bn", "--optimizer", "--val-data", "--resume"):
+        assert f"  {flag}" in done.stdout, flag
+
+    for optimizer, lr, decay in (("sgd", 0.01, 1e-4), ("adamw", 1e-3, 0.05)):
+        args = cli.parse_args(["resnet18", "--data", "d", "--out", "o", "--optimizer", optimizer])
+        assert (args.lr, args.weight_decay, args.workers, args.weights) == (lr, decay, None, None)
+    args = cli.parse_args(["resnet18", "--data", "d", "--out", "o", "--weights", "none"])
+    assert args.weights is None
+    if not torch.cuda.is_available():  # on the CPU the training step needs every core
+        assert cli.prepare(args) == (torch.device("cpu"), None) and args.workers == 0
 
 
 def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
