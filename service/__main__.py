@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(banner(settings, set(flags)), flush=True)
     if settings.workers > 1:
+        if not hasattr(os, "memfd_create"):  # the shared memory between the processes
+            print("python -m service: --workers above 1 needs Linux", file=sys.stderr)
+            return 2
         return supervisor.serve(settings)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal; with this
     # handler in place the process then exits 0 instead of dying by the signal.
