@@ -27,8 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from readme_tables import SETTINGS_DOC, settings_table, splice
 
 README = REPO / "README.md"
-# Long narrative (training runs, benchmark figures) belongs in docs/, not in the guide.
-README_MAX_LINES = 350
+# Long narrative (training runs, benchmark figures) belongs in docs/, not in the guide,
+# which stays "a few hundred lines" (it gained your-own-classes and the peer table).
+README_MAX_LINES = 400
 _FENCE = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # curl reports each response's status and type on stderr; stdout stays the body.
 _CURL_WRAPPER = (
