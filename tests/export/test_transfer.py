@@ -96,7 +96,10 @@ def test_the_new_model_serves_the_new_classes_on_the_same_backbone(made: ExportR
     assert np.array_equal(served["embedding"], original["embedding"])
     weight, bias = _head(made.path)
     assert weight.shape == (3, 64) and bias.shape == (3,)
-    np.testing.assert_allclose(served["logits"], served["embedding"] @ weight.T + bias, atol=1e-5)
+    # ONNX Runtime's Gemm and numpy's matmul sum in different orders (and ORT's kernels may
+    # differ from run to run on this CPU): the command's own tolerance, 1e-4 relative.
+    expected = served["embedding"] @ weight.T + bias
+    np.testing.assert_allclose(served["logits"], expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(served["probabilities"].sum(1), 1.0, rtol=1e-6)
     predicted = [card.labels[i] for i in served["ranking"][:, 0]]
     truth = [GROUP_OF.get(p.parent.name) for p in IMAGES]
@@ -271,7 +274,10 @@ def test_a_flip_tta_source_keeps_its_flip(groups: Path, tmp_path: Path) -> None:
     served, original = _served(made.path), _served(source)
     assert np.array_equal(served["embedding"], original["embedding"])
     weight, bias = _head(made.path)
-    np.testing.assert_allclose(served["logits"], served["embedding"] @ weight.T + bias, atol=1e-5)
+    # ONNX Runtime's Gemm and numpy's matmul sum in different orders (and ORT's kernels may
+    # differ from run to run on this CPU): the command's own tolerance, 1e-4 relative.
+    expected = served["embedding"] @ weight.T + bias
+    np.testing.assert_allclose(served["logits"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_transfer_runs_without_torch(groups: Path, tmp_path: Path) -> None:
