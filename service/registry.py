@@ -126,6 +126,19 @@ class ServedModel:
         finally:
             self.end_request()
 
+    async def wait_idle(self) -> None:
+        """Until no request is in flight on this version, for up to ``UNLOAD_GRACE_S``."""
+        try:
+            await asyncio.wait_for(self.idle.wait(), UNLOAD_GRACE_S)
+        except TimeoutError:
+            log.warning(
+                "%s v%d: %d requests still in flight after %.0f s; letting the version go",
+                self.name,
+                self.version,
+                self.requests,
+                UNLOAD_GRACE_S,
+            )
+
     def begin_request(self) -> None:
         """A request is in flight (:meth:`in_flight`, for callers without a block)."""
         self.requests += 1
@@ -212,16 +225,7 @@ class ModelRegistry:
             self._changed()
         for served in versions.values():
             self.metrics.model_ready.labels(name, str(served.version)).set(0)
-            try:
-                await asyncio.wait_for(served.idle.wait(), UNLOAD_GRACE_S)
-            except TimeoutError:
-                log.warning(
-                    "%s v%d: %d requests still in flight after %.0f s; unloading anyway",
-                    name,
-                    served.version,
-                    served.requests,
-                    UNLOAD_GRACE_S,
-                )
+            await served.wait_idle()
             if served.loaded is not None:
                 await served.loaded.batcher.stop(drain_timeout_s)
             served.unloaded()

@@ -9,7 +9,6 @@ away (starting or restarting) the server is not ready and requests get 503.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from service.ipc import Message
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
 from service.registry import (
-    UNLOAD_GRACE_S,
     BatchingSettings,
     Loaded,
     ModelRegistry,
@@ -70,16 +68,7 @@ class RemoteRegistry(ModelRegistry):
         versions = self.models.pop(name, {})
         self._changed()
         for served in versions.values():
-            try:
-                await asyncio.wait_for(served.idle.wait(), UNLOAD_GRACE_S)
-            except TimeoutError:
-                log.warning(
-                    "%s v%d: %d requests still in flight after %.0f s; letting it go anyway",
-                    name,
-                    served.version,
-                    served.requests,
-                    UNLOAD_GRACE_S,
-                )
+            await served.wait_idle()
 
     def apply(self, message: Message) -> None:
         """Take the engine's model list; versions whose engine did not change are kept."""
