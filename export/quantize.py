@@ -39,7 +39,7 @@ import onnxruntime as ort
 from export import images
 from export import variants as precision_variants
 from export.errors import ExportError, configure_logging, failed
-from export.repository import ExportResult, read_model, target
+from export.repository import ExportResult, add_output_arguments, read_model, target
 from service.metadata import (
     INPUT_NAME,
     LOGITS_NAME,
@@ -94,10 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="least top-1 agreement with SOURCE (default: %(default)s)",
     )
     p.add_argument("--force", action="store_true", help="write the variant even below it")
-    p.add_argument("--out", type=Path, required=True, help="model repository, e.g. models")
-    p.add_argument("--name", required=True, help="model name: the folder under --out")
-    p.add_argument("--version", type=int, help="version number (default: the next free one)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    add_output_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)

@@ -7,6 +7,7 @@ a new head) shares it.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,15 @@ class ExportResult:
     version: int
     card: ModelCard
     report: str
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--out, --name, --version and --overwrite: where a command writes its model (see
+    :func:`target`)."""
+    parser.add_argument("--out", type=Path, required=True, help="model repository, e.g. models")
+    parser.add_argument("--name", required=True, help="model name: the folder under --out")
+    parser.add_argument("--version", type=int, help="version number (default: the next free one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
 
 
 def next_version(model_dir: Path) -> int:

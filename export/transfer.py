@@ -38,7 +38,13 @@ import sklearn
 from export import agreement, embeddings, imagefolder, images, logistic_head, onnx_verify
 from export.errors import ExportError, configure_logging, failed
 from export.onnx_head import embedding_width, replace_head
-from export.repository import ExportResult, read_model, target, write_checked
+from export.repository import (
+    ExportResult,
+    add_output_arguments,
+    read_model,
+    target,
+    write_checked,
+)
 from export.transfer_card import TRANSFER_KEY, Transfer, provenance
 from service.metadata import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, Preprocessing
 
@@ -60,9 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("source", type=Path, help="a model.onnx exported by this project, or its folder")
     p.add_argument("--data", type=Path, required=True, help="ImageFolder directory or a .tar.gz")
-    p.add_argument("--out", type=Path, required=True, help="model repository, e.g. models")
-    p.add_argument("--name", required=True, help="model name: the folder under --out")
-    p.add_argument("--version", type=int, help="version number (default: the next free one)")
+    add_output_arguments(p)
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -76,7 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=embeddings.BATCH_SIZE,
         help="images per ONNX Runtime run (default: 64)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
