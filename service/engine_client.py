@@ -260,8 +260,7 @@ class RemoteEngine:
 
     @property
     def layout(self) -> RowLayout:
-        size = self.input_size
-        return RowLayout((3, size, size), self.num_classes, self.embedding_dim)
+        return RowLayout.of(self)
 
 
 class RemoteBatcher:

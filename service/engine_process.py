@@ -78,13 +78,6 @@ def describe(registry: ModelRegistry) -> Message:
     }
 
 
-def layout_of(served: ServedModel) -> RowLayout:
-    """Where a version's rows and outputs lie in a region (front ends compute the same)."""
-    engine = served.require_loaded().engine
-    size = engine.input_size
-    return RowLayout((3, size, size), engine.num_classes, engine.embedding_dim)
-
-
 def error_message(request: int, exc: ServiceError) -> Message:
     """An ``error`` answer that the front end turns back into the same HTTP error."""
     return {
@@ -251,7 +244,7 @@ class EngineServer:
         try:
             served = self.registry.resolve(message["model"], message["version"])
             loaded = served.require_loaded()
-            layout = layout_of(served)
+            layout = RowLayout.of(loaded.engine)
             offset, count = message["offset"], message["count"]
             # Views: the batch copies them when it runs. The region is the front end's again
             # only once this request is answered, after every row's batch has run; a row

@@ -24,7 +24,7 @@ import socket
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -78,6 +78,19 @@ def receive_hello(sock: socket.socket) -> tuple[Message, int]:
     return json.loads(data[_LENGTH.size : _LENGTH.size + length]), fds[0]
 
 
+class ModelShape(Protocol):
+    """What a row layout depends on (an ``Engine``, or a front end's ``RemoteEngine``)."""
+
+    @property
+    def input_size(self) -> int: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def embedding_dim(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RowLayout:
     """Bytes of one row in a region: its input, then (after the engine) its outputs.
@@ -89,6 +102,12 @@ class RowLayout:
     input_shape: tuple[int, int, int]
     num_classes: int
     embedding_dim: int
+
+    @classmethod
+    def of(cls, model: ModelShape) -> RowLayout:
+        """The layout of a model's rows: both processes compute it from the same figures."""
+        size = model.input_size
+        return cls((3, size, size), model.num_classes, model.embedding_dim)
 
     @property
     def input_bytes(self) -> int:
