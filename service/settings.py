@@ -9,6 +9,7 @@ setting, the environment variable and the value.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -95,8 +96,8 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=0,
         ge=0,
-        description="ONNX Runtime threads per engine run (0: the engine's CPUs divided among "
-        "a model's instances; ONNX Runtime's own choice with one instance).",
+        description="ONNX Runtime threads per engine run (0: the CPUs this process may use, "
+        "after its affinity and cgroup quota, divided among a model's instances).",
     )
     instances: int = Field(
         default=1,
@@ -258,14 +259,20 @@ class Settings(BaseSettings):
         return value or None
 
     def intra_op_threads_for(self, instances: int) -> int:
-        """ONNX Runtime threads per run for a model with ``instances`` concurrent runs."""
-        if self.intra_op_threads or instances == 1:
+        """ONNX Runtime threads per run for a model with ``instances`` concurrent runs.
+
+        Always an explicit count: left at 0, ONNX Runtime counts the host's physical cores,
+        not a container's share, and pins its threads to cores, so a thread stuck behind
+        the event loop or a decoder on its core holds up every operator of the run
+        (measured: ResNet-50's p99 with one client 50-58 ms pinned, 44 ms not).
+        """
+        if self.intra_op_threads:
             return self.intra_op_threads
         return max(1, available_cpus() // instances)
 
     def effective_preprocess_threads(self) -> int:
-        """The decode pool's size: the setting, or one thread per CPU."""
-        return self.preprocess_threads or (os.cpu_count() or 1)
+        """The decode pool's size: the setting, or one thread per CPU this process may use."""
+        return self.preprocess_threads or available_cpus()
 
     def as_rows(self) -> list[tuple[str, str, str]]:
         """(setting, environment variable, value) for the start-up banner."""
@@ -275,12 +282,32 @@ class Settings(BaseSettings):
         ]
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (a container's limit where the OS applies one)."""
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+"""cgroup v2's CPU quota, where Docker's ``--cpus`` and Kubernetes' CPU limits land."""
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota if any."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cpu_max)
+    return max(1, min(cpus, quota)) if quota is not None else cpus
+
+
+def cgroup_cpu_quota(cpu_max: Path = CGROUP_CPU_MAX) -> int | None:
+    """CPUs a cgroup v2 quota allows (rounded up), or None when there is no quota.
+
+    ``cpu.max`` holds "QUOTA PERIOD" in microseconds, or "max PERIOD" without a limit.
+    """
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
 
 
 def _show(value: object) -> str:

@@ -55,8 +55,8 @@ class InProcess:
     """The service's decoding, preprocessing and engine, in this process, on its threads."""
 
     def __init__(self, model: Path, images: list[bytes], settings: Settings) -> None:
-        threads = ThreadSettings(
-            settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning
+        threads = ThreadSettings(  # the threads the server gives a one-instance model
+            settings.intra_op_threads_for(1), settings.inter_op_threads, settings.allow_spinning
         )
         self.engine = Engine(model, providers=settings.providers, threads=threads)
         self.pre = Preprocessor(

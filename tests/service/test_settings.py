@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from service.__main__ import banner, build_parser
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import (
+    Settings,
+    SettingsError,
+    available_cpus,
+    cgroup_cpu_quota,
+    load_settings,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +104,56 @@ def test_cli_exits_with_status_2_and_the_message(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "port (RESNET_SERVE_PORT) = 'http': Input should be a valid integer" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("200000 100000\n", 2),
+        ("150000 100000\n", 2),  # 1.5 CPUs: two threads, each busy part of the time
+        ("50000 100000\n", 1),
+        ("max 100000\n", None),
+        ("", None),
+        ("garbage\n", None),
+    ],
+)
+def test_cgroup_quota_is_read_from_cpu_max(
+    tmp_path: Path, cpu_max: str, expected: int | None
+) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    assert cgroup_cpu_quota(path) == expected
+
+
+def test_cpus_are_capped_by_the_quota_and_a_missing_file_is_no_quota(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "cpu.max"
+    path.write_text("100000 100000\n")
+    assert available_cpus(path) == 1
+    assert available_cpus(tmp_path / "absent") == len(os.sched_getaffinity(0))
+
+
+def test_cpus_follow_the_process_affinity() -> None:
+    """An affinity mask (taskset, a cpuset) shrinks what the service sizes its threads by."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from service.settings import available_cpus; print(available_cpus())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "1"
+
+
+def test_engine_threads_are_always_an_explicit_count() -> None:
+    """0 never reaches ONNX Runtime, whose own default pins its threads to cores."""
+    cpus = available_cpus()
+    settings = load_settings()
+    assert settings.intra_op_threads == 0
+    assert settings.intra_op_threads_for(1) == cpus
+    assert settings.intra_op_threads_for(2) == max(1, cpus // 2)
+    assert settings.intra_op_threads_for(64) == 1
+    assert settings.effective_preprocess_threads() == cpus
+    pinned = load_settings(intra_op_threads=3)
+    assert pinned.intra_op_threads_for(1) == pinned.intra_op_threads_for(2) == 3
