@@ -21,6 +21,7 @@ from service import __version__, supervisor
 from service.app import create_app
 from service.engine import cuda_missing
 from service.logs import configure_logging
+from service.memory import keep_freed_memory
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
 log = logging.getLogger("service")
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m service: require_gpu is on, but {missing}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    keep_freed_memory()
     if settings.log_format == "json":  # one JSON line, like every other line
         log.info("%s", banner(settings, set(flags)))
     else:

@@ -36,6 +36,7 @@ import uvicorn
 from prometheus_client import multiprocess
 
 from service.logs import configure_logging
+from service.memory import keep_freed_memory
 from service.metrics import MULTIPROC_ENV
 from service.settings import Settings
 
@@ -67,6 +68,7 @@ def run_engine(settings: Settings, path: str) -> None:
     """The engine process's target."""
     from service import engine_process
 
+    keep_freed_memory()
     _follow_parent()
     engine_process.main(settings, path)
 
@@ -76,6 +78,7 @@ def run_front_end(settings: Settings, sock: socket.socket, engine_path: str) -> 
     from service.app import create_app
 
     configure_logging(settings.log_level, settings.log_format)
+    keep_freed_memory()
     _follow_parent()
     # uvicorn drains on SIGTERM, then re-raises it: exit 0 instead of dying by it.
     for signum in (signal.SIGTERM, signal.SIGINT):
