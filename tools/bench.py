@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,8 +40,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.repository import scan
 from service.settings import Settings, load_settings
 from tools import scaling
-from tools.inprocess import InProcess, large_jpeg_ms, load_images, percentiles_ms
-from tools.loadgen import LoadResult, build_requests, run_load
+from tools.inprocess import InProcess, large_jpeg_ms, load_images
+from tools.loadgen import CLIENTS, LoadResult, build_requests, percentiles_ms, run_load
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-train.tar.gz"
 
@@ -61,6 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lone-seconds", type=float, default=3.0, help="seconds of lone requests")
     p.add_argument("--inprocess-seconds", type=float, default=1.5, help="seconds per batch size")
     p.add_argument("--client-processes", type=int, default=1, help="load generator processes")
+    p.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="python",
+        help="the loaded rounds' client: this package's asyncio one, or wrk (the peer kit's C "
+        "client, which leaves more of the shared cores to the server; needs wrk installed)",
+    )
     p.add_argument(
         "--repeat",
         type=int,
@@ -146,7 +154,7 @@ def batch_stats(url: str, model: str) -> tuple[float, float]:
 
 
 def report(name: str, result: LoadResult) -> str:
-    p50, p95, p99 = percentiles_ms(result.latencies)
+    p50, p95, p99 = result.percentiles_ms()
     rate = result.ok / result.seconds if result.seconds else 0.0
     return (
         f"{name}: {rate:8.1f} img/s  p50 {p50:7.2f} ms  p95 {p95:7.2f} ms  p99 {p99:7.2f} ms  "
@@ -156,6 +164,9 @@ def report(name: str, result: LoadResult) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.client == "wrk" and shutil.which("wrk") is None:
+        print("python -m tools.bench: --client wrk needs wrk on the PATH", file=sys.stderr)
+        return 2
     settings = load_settings(**({"models_dir": args.models} if args.models else {}))
     if args.workers is not None:
         return scaling.run(args, settings)
@@ -289,6 +300,7 @@ def measure_http(
                     duration=args.duration,
                     warmup=args.warmup,
                     processes=args.client_processes,
+                    client=args.client,
                 )
                 after = batch_stats(url, model.name)
                 batches, batched = after[0] - before[0], after[1] - before[1]

@@ -28,8 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.engine import CPU, Engine
-from tools.inprocess import load_images, percentiles_ms
-from tools.loadgen import build_requests, run_load
+from tools.inprocess import load_images
+from tools.loadgen import build_requests, percentiles_ms, run_load
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "cpu": CPU}
 

@@ -18,6 +18,7 @@ from PIL import Image, ImageChops
 from service.engine import Engine, ThreadSettings, warmup_sizes
 from service.preprocess import Preprocessor
 from service.settings import Settings
+from tools.loadgen import percentiles_ms
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MIN_RUNS = 4
@@ -42,13 +43,6 @@ def load_images(path: Path, count: int) -> list[bytes]:
     if not images:
         raise SystemExit(f"no images found in {path}")
     return images
-
-
-def percentiles_ms(values: list[float]) -> tuple[float, float, float]:
-    if not values:
-        return (float("nan"),) * 3
-    p50, p95, p99 = np.percentile(np.asarray(values) * 1000.0, [50, 95, 99])
-    return float(p50), float(p95), float(p99)
 
 
 class InProcess:

@@ -24,7 +24,7 @@ import numpy as np
 
 from service.repository import scan
 from service.settings import Settings
-from tools.inprocess import InProcess, load_images, percentiles_ms
+from tools.inprocess import InProcess, load_images
 from tools.loadgen import build_requests, run_load
 from tools.null_model import write_null_model
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     duration=args.lone_seconds,
                     warmup=0.5,
                 )
-                s.lone_p50_ms = percentiles_ms(lone.latencies)[0]
+                s.lone_p50_ms = lone.percentiles_ms()[0]
             for round_ in range(args.repeat):
                 ceiling = bench.rate(best, args.inprocess_seconds)
                 for s in servers:
@@ -92,8 +92,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                         duration=args.duration,
                         warmup=args.warmup,
                         processes=args.client_processes,
+                        client=args.client,
                     )
-                    p50, _, p99 = percentiles_ms(load.latencies)
+                    p50, _, p99 = load.percentiles_ms()
                     rate = load.ok / load.seconds
                     s.rates.append(rate)
                     s.p50s.append(p50)

@@ -6,10 +6,14 @@ a quiet machine (README, Benchmarks), not for assertions in a shared CI runner.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures/cifar10-val"
 
@@ -82,3 +86,35 @@ def test_bench_serves_the_null_model_with_each_worker_count() -> None:
         assert len(found) == 2, out
     summary = re.search(r"^workers 2: +([\d.]+) img/s .* x workers 1: ([\d.]+) \(", out, re.M)
     assert summary and float(summary.group(1)) > 0 and float(summary.group(2)) > 0, out
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)"
+)
+def test_bench_loads_with_wrk_when_asked(cifar_model_file: Path) -> None:
+    """--client wrk: the loaded rounds come from wrk, with its own count and percentiles."""
+    repository = cifar_model_file.parents[2]
+    command = [sys.executable, "-m", "tools.bench", "--models", str(repository), "--client", "wrk"]
+    command += ["--images", str(FIXTURES), "--count", "16", "--concurrency", "8"]
+    command += ["--duration", "1", "--warmup", "1", "--lone-seconds", "0.3"]
+    command += ["--inprocess-seconds", "0.05", "--repeat", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    found = re.search(
+        r"HTTP concurrency +8: +([\d.]+) img/s +p50 +([\d.]+) ms +p95 +([\d.]+) ms +"
+        r"p99 +([\d.]+) ms +ok (\d+) +errors (\d+)",
+        out,
+    )
+    assert found, out
+    rate, p50, p95, p99, ok, errors = found.groups()
+    assert float(rate) > 0 and int(ok) > 0 and errors == "0"
+    assert 0 < float(p50) <= float(p95) <= float(p99)
+
+
+def test_bench_refuses_wrk_when_it_is_not_installed(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "tools.bench", "--client", "wrk"]
+    env = {**os.environ, "PATH": str(tmp_path)}  # nothing on it, wrk included
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 2
+    assert "--client wrk needs wrk on the PATH" in result.stderr
