@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="FLAG",
-        help="with --workers: a flag for the servers (repeat; e.g. --server-arg=--instances=2)",
+        help="with --workers: a flag for the servers (repeat; e.g. --server-arg=--max-delay-ms=2);"
+        " set instances with RESNET_SERVE_INSTANCES or config.json, which the ceiling follows",
     )
     args = p.parse_args(argv)
     if args.null and args.workers is None:
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for model in names:
             path = entries[model].versions[entries[model].latest]
-            benches[model] = Model(model, path, images, settings)
+            instances = entries[model].overrides.instances or settings.instances
+            benches[model] = Model(model, path, images, settings, instances)
             benches[model].sweep(args.inprocess_seconds)
         measure_http(args, settings, images, list(benches.values()))
     finally:
@@ -206,9 +208,12 @@ def main(argv: list[str] | None = None) -> int:
 class Model:
     """One model's in-process ceiling and HTTP figures, gathered over the rounds."""
 
-    def __init__(self, name: str, path: Path, images: list[bytes], settings: Settings) -> None:
+    def __init__(
+        self, name: str, path: Path, images: list[bytes], settings: Settings, instances: int
+    ) -> None:
         self.name = name
-        self.inprocess = InProcess(path, images, settings)
+        self.inprocess = InProcess(path, images, settings, instances=instances)
+        print(f"{name}: {instances} instance(s), the ceiling runs as many streams")
         self.prefix = ""
         self.best = 1
         self.pooled_ms = self.inline_ms = 0.0

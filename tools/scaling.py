@@ -60,7 +60,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         path = entries[name].versions[entries[name].latest]
         images = load_images(args.images, args.count)
         print(f"model {name} ({path}); {len(images)} images from {args.images}")
-        bench = InProcess(path, images, settings)
+        instances = entries[name].overrides.instances or settings.instances
+        bench = InProcess(path, images, settings, instances=instances)
+        print(f"{instances} instance(s): the ceiling runs as many streams")
         servers: list[Served] = []
         try:
             rates = {size: bench.rate(size, args.inprocess_seconds) for size in bench.sizes}
