@@ -284,29 +284,40 @@ class Settings(BaseSettings):
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 """cgroup v2's CPU quota, where Docker's ``--cpus`` and Kubernetes' CPU limits land."""
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+"""cgroup v1's CPU controller (older hosts): ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us``."""
 
 
-def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota if any."""
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX, v1_cpu: Path = CGROUP_V1_CPU) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota if any."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    quota = cgroup_cpu_quota(cpu_max)
+    quota = cgroup_cpu_quota(cpu_max, v1_cpu)
     return max(1, min(cpus, quota)) if quota is not None else cpus
 
 
-def cgroup_cpu_quota(cpu_max: Path = CGROUP_CPU_MAX) -> int | None:
-    """CPUs a cgroup v2 quota allows (rounded up), or None when there is no quota.
+def cgroup_cpu_quota(cpu_max: Path = CGROUP_CPU_MAX, v1_cpu: Path = CGROUP_V1_CPU) -> int | None:
+    """CPUs a cgroup quota allows (rounded up), or None when there is no quota.
 
-    ``cpu.max`` holds "QUOTA PERIOD" in microseconds, or "max PERIOD" without a limit.
+    cgroup v2's ``cpu.max`` holds "QUOTA PERIOD" in microseconds, or "max PERIOD" without
+    a limit; where it is absent, cgroup v1's ``cpu.cfs_quota_us`` (-1 without a limit)
+    and ``cpu.cfs_period_us`` say the same.
     """
     try:
         quota, period = cpu_max.read_text().split()[:2]
-        if quota == "max":
+    except (OSError, ValueError):
+        try:
+            quota = (v1_cpu / "cpu.cfs_quota_us").read_text().strip()
+            period = (v1_cpu / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        if quota == "max" or int(quota) <= 0 or int(period) <= 0:
             return None
         return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
+    except ValueError:
         return None
 
 

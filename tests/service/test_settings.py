@@ -122,16 +122,29 @@ def test_cgroup_quota_is_read_from_cpu_max(
 ) -> None:
     path = tmp_path / "cpu.max"
     path.write_text(cpu_max)
-    assert cgroup_cpu_quota(path) == expected
+    assert cgroup_cpu_quota(path, tmp_path / "no-v1") == expected
 
 
-def test_cpus_are_capped_by_the_quota_and_a_missing_file_is_no_quota(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("quota_us", "period_us", "expected"),
+    [("300000", "100000", 3), ("-1", "100000", None), ("150000", "100000", 2), ("x", "1", None)],
+)
+def test_a_cgroup_v1_quota_is_read_where_v2_is_absent(
+    tmp_path: Path, quota_us: str, period_us: str, expected: int | None
+) -> None:
+    (tmp_path / "cpu.cfs_quota_us").write_text(quota_us + "\n")
+    (tmp_path / "cpu.cfs_period_us").write_text(period_us + "\n")
+    assert cgroup_cpu_quota(tmp_path / "no-cpu.max", tmp_path) == expected
+
+
+def test_cpus_are_capped_by_the_quota_and_missing_files_are_no_quota(tmp_path: Path) -> None:
     import os
 
     path = tmp_path / "cpu.max"
     path.write_text("100000 100000\n")
-    assert available_cpus(path) == 1
-    assert available_cpus(tmp_path / "absent") == len(os.sched_getaffinity(0))
+    assert available_cpus(path, tmp_path / "no-v1") == 1
+    mine = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path / "absent", tmp_path / "no-v1") == mine
 
 
 def test_cpus_follow_the_process_affinity() -> None:
