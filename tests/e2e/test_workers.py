@@ -60,7 +60,9 @@ def owner(sock: socket.socket, pids: list[int]) -> int:
     inode = None
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if int(fields[2].split(":")[1], 16) == client_port:  # remote end is our socket
+        # The remote end is our socket, and the connection is live: a closed one that held
+        # the same client port before lingers in TIME_WAIT (state 06) with inode 0.
+        if int(fields[2].split(":")[1], 16) == client_port and fields[3] == "01":
             inode = fields[9]
     if inode is None:
         raise AssertionError(f"no server socket connected to port {client_port}")
