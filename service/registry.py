@@ -25,7 +25,7 @@ from service.engine import Engine, ThreadSettings, warmup_sizes
 from service.errors import ModelNotFound, ModelNotReady, ModelRequired
 from service.metrics import Metrics
 from service.preprocess import Preprocessor
-from service.repository import ModelEntry, RepositoryError, scan, scan_model
+from service.repository import BatchingOverrides, ModelEntry, RepositoryError, scan, scan_model
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -52,6 +52,17 @@ class BatchingSettings:
     max_delay_ms: float
     max_queue_size: int
     instances: int
+
+    @classmethod
+    def of(cls, settings: Settings, overrides: BatchingOverrides) -> BatchingSettings:
+        """The service's settings with a model's ``config.json`` over them."""
+        o, s = overrides, settings
+        return cls(
+            max_batch_size=o.max_batch_size or s.max_batch_size,
+            max_delay_ms=s.max_delay_ms if o.max_delay_ms is None else o.max_delay_ms,
+            max_queue_size=o.max_queue_size or s.max_queue_size,
+            instances=o.instances or s.instances,
+        )
 
 
 @dataclass(frozen=True)
@@ -302,17 +313,12 @@ class ModelRegistry:
         return True, "all models are ready"
 
     def _register(self, entry: ModelEntry) -> None:
-        o, s = entry.overrides, self.settings
+        o = entry.overrides
         if o.default:
             self._marked_default.add(entry.name)
         else:
             self._marked_default.discard(entry.name)
-        batching = BatchingSettings(
-            max_batch_size=o.max_batch_size or s.max_batch_size,
-            max_delay_ms=s.max_delay_ms if o.max_delay_ms is None else o.max_delay_ms,
-            max_queue_size=o.max_queue_size or s.max_queue_size,
-            instances=o.instances or s.instances,
-        )
+        batching = BatchingSettings.of(self.settings, o)
         self.models[entry.name] = {
             version: ServedModel(
                 entry.name, version, path, batching, provider_options=o.provider_options

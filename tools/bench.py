@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.registry import BatchingSettings
 from service.repository import scan
 from service.settings import Settings, load_settings
 from tools import scaling
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for model in names:
             path = entries[model].versions[entries[model].latest]
-            instances = entries[model].overrides.instances or settings.instances
+            instances = BatchingSettings.of(settings, entries[model].overrides).instances
             benches[model] = Model(model, path, images, settings, instances)
             benches[model].sweep(args.inprocess_seconds)
         measure_http(args, settings, images, list(benches.values()))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.registry import BatchingSettings
 from service.repository import scan
 from service.settings import Settings
 from tools.inprocess import InProcess, load_images
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         path = entries[name].versions[entries[name].latest]
         images = load_images(args.images, args.count)
         print(f"model {name} ({path}); {len(images)} images from {args.images}")
-        instances = entries[name].overrides.instances or settings.instances
+        instances = BatchingSettings.of(settings, entries[name].overrides).instances
         bench = InProcess(path, images, settings, instances=instances)
         print(f"{instances} instance(s): the ceiling runs as many streams")
         servers: list[Served] = []
