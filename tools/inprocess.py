@@ -78,14 +78,9 @@ class InProcess:
         server's engine threads do.
         """
         start = time.perf_counter()
-        if self.instances == 1:
-            done = self._stream(size, seconds, 0)
-        else:
-            with ThreadPoolExecutor(self.instances) as streams:
-                runs = [
-                    streams.submit(self._stream, size, seconds, i) for i in range(self.instances)
-                ]
-                done = sum(run.result() for run in runs)
+        with ThreadPoolExecutor(self.instances) as streams:
+            runs = [streams.submit(self._stream, size, seconds, i) for i in range(self.instances)]
+            done = sum(run.result() for run in runs)
         return done / (time.perf_counter() - start)
 
     def _stream(self, size: int, seconds: float, offset: int) -> int:
